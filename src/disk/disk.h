@@ -1,0 +1,120 @@
+/* disk: one VM disk served by ferryd: the "IO filter" that every guest IO
+ * passes through.
+ *
+ * A disk is a backend (raw file or block device, behind an ops table) plus:
+ *  - cbt:      the crash-safe changed-block map (cbt.h).  A write, trim or
+ *              zero marks its regions before it is acknowledged, and the mark
+ *              is durable before the acknowledgement (batched commits).
+ *  - heat:     per-region decayed read/write counts, per-disk rates, latency
+ *              histograms and a sampled trace of recent IOs (heat.h).
+ *  - throttle: the write rate limit that write backpressure drives (throttle.h).
+ *
+ * Thread model: every disk_* IO function may be called from many threads at
+ * once.  Disks are reference counted; the last disk_unref() flushes the backend,
+ * closes the CBT map cleanly and frees the disk.
+ *
+ * IO functions return 0 or a negative errno; they never log the guest's
+ * ordinary errors (the NBD layer maps them to NBD errors), but do log backend
+ * failures (EIO and friends) with the disk's name. */
+#ifndef FERRY_DISK_H
+#define FERRY_DISK_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "disk/heat.h"
+
+struct disk;
+
+struct disk_config {
+  const char *name;             /* export name, validated by name_is_valid() */
+  const char *image_path;       /* raw image file or block device */
+  const char *cbt_path;         /* dirty map file; created if absent */
+  uint64_t cbt_granularity;     /* bytes per dirty bit, power of two >= 4096 */
+  bool cbt_enabled;             /* false only for benchmarks and diagnostics */
+  bool heat_enabled;            /* false only for benchmarks and diagnostics */
+  uint64_t write_limit_bps;     /* 0 = unlimited */
+};
+
+/* Opens the backend and loads (or creates) the CBT map.  A missing, corrupt or
+ * torn map is never trusted as clean: the regions it cannot vouch for are
+ * marked dirty and the reason is kept for disk_cbt_state().  On failure returns
+ * NULL and writes a message to err. */
+struct disk *disk_open(const struct disk_config *cfg, char *err, size_t errlen);
+void disk_ref(struct disk *d);
+void disk_unref(struct disk *d);
+
+const char *disk_name(const struct disk *d);
+const char *disk_image_path(const struct disk *d);
+uint64_t disk_size(const struct disk *d);
+bool disk_is_block_device(const struct disk *d);
+/* Bytes allocated in the backend (st_blocks * 512 for files, size for devices). */
+uint64_t disk_allocated_bytes(struct disk *d);
+
+/* Flags for the IO functions. */
+#define DISK_IO_FUA     1u  /* durable before return */
+#define DISK_IO_NOWAIT  2u  /* return -EAGAIN instead of blocking (page cache
+                               miss, CBT commit, throttle); the caller retries
+                               without it from a thread that may block */
+#define DISK_IO_MAY_TRIM 4u /* zero: holes are allowed (no NBD_CMD_FLAG_NO_HOLE) */
+
+/* All offsets and lengths must lie inside the disk (the caller checks). */
+int disk_read(struct disk *d, void *buf, uint32_t len, uint64_t off, unsigned flags);
+int disk_write(struct disk *d, const void *buf, uint32_t len, uint64_t off, unsigned flags);
+int disk_trim(struct disk *d, uint32_t len, uint64_t off, unsigned flags);
+int disk_zero(struct disk *d, uint32_t len, uint64_t off, unsigned flags);
+int disk_flush(struct disk *d);
+int disk_cache(struct disk *d, uint32_t len, uint64_t off);
+
+/* Extent reporting for NBD_CMD_BLOCK_STATUS.  fn is called with consecutive
+ * extents starting at off, covering at least one byte and at most len bytes
+ * (the last extent may be cut at len); fn returns 0 to go on, 1 to stop, or
+ * a negative errno.  The function returns 0 or a negative errno. */
+#define DISK_EXTENT_HOLE  1u  /* NBD_STATE_HOLE */
+#define DISK_EXTENT_ZERO  2u  /* NBD_STATE_ZERO */
+#define DISK_EXTENT_DIRTY 1u  /* ferry:dirty bit 0 */
+typedef int (*disk_extent_fn)(void *opaque, uint64_t off, uint64_t len, uint32_t flags);
+int disk_extents_allocation(struct disk *d, uint64_t off, uint64_t len,
+                            disk_extent_fn fn, void *opaque);
+int disk_extents_dirty(struct disk *d, uint64_t off, uint64_t len,
+                       disk_extent_fn fn, void *opaque);
+
+/* --- Changed-block tracking (for the API and, later, the replicator) --- */
+struct disk_dirty_map {
+  uint64_t granularity;         /* bytes per bit */
+  uint64_t nbits;
+  uint64_t *words;              /* malloc'ed, caller frees with free() */
+  uint64_t generation;          /* increases by one at every swap */
+};
+uint64_t disk_cbt_granularity(const struct disk *d);
+uint64_t disk_dirty_bytes(struct disk *d);           /* bits set * granularity, capped at size */
+/* Copies the current map (no swap). */
+int disk_dirty_snapshot(struct disk *d, struct disk_dirty_map *out);
+/* Atomically returns the current map and replaces it with a clean one: every
+ * write acknowledged before the call is in the returned map, every write
+ * that starts after it is in the new one.  The clean map is durable on return. */
+int disk_dirty_swap(struct disk *d, struct disk_dirty_map *out);
+/* "ok", "created", "recovered: <reason>" (some or all regions set dirty
+ * because the map file could not vouch for them), or "off". */
+const char *disk_cbt_state(struct disk *d);
+bool disk_cbt_enabled(const struct disk *d);
+
+/* --- Heat, statistics, trace --- */
+struct heat *disk_heat(struct disk *d);   /* NULL when heat is off */
+
+/* --- Write rate limit (write backpressure) --- */
+void disk_set_write_limit(struct disk *d, uint64_t bytes_per_sec);  /* 0 = off */
+uint64_t disk_write_limit(const struct disk *d);
+/* Time writes have spent waiting in the limiter since the disk was opened. */
+uint64_t disk_write_throttled_ns(struct disk *d);
+
+/* --- Clients --- */
+void disk_client_attach(struct disk *d);
+void disk_client_detach(struct disk *d);
+unsigned disk_clients(const struct disk *d);
+
+/* Makes everything durable (backend fdatasync) and writes the CBT map in full.
+ * Called on SIGTERM and by disk_unref(). */
+int disk_sync_all(struct disk *d);
+
+#endif
