@@ -33,8 +33,21 @@ int parse_size(const char *s, uint64_t *out)
     { "t", 40 }, { "tb", 40 }, { "tib", 40 },
     { "p", 50 }, { "pb", 50 }, { "pib", 50 },
   };
+  /* Whole numbers are parsed exactly: a double has only 53 bits. */
+  size_t digits = strspn(s, "0123456789");
+  bool integer = digits > 0 && s + digits == end;
   for (size_t i = 0; i < ARRAY_SIZE(units); i++) {
     if (strcasecmp(end, units[i].suffix) == 0) {
+      if (integer) {
+        errno = 0;
+        unsigned long long n = strtoull(s, NULL, 10);
+        if (errno == ERANGE || (units[i].shift && n > (UINT64_MAX >> units[i].shift))) {
+          errno = ERANGE;
+          return -1;
+        }
+        *out = (uint64_t)n << units[i].shift;
+        return 0;
+      }
       double bytes = ldexp(v, units[i].shift);
       if (bytes >= 18446744073709551616.0) {
         errno = ERANGE;

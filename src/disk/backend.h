@@ -5,6 +5,7 @@
 #define FERRY_BACKEND_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "disk/disk.h"   /* disk_extent_fn */

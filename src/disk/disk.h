@@ -20,6 +20,7 @@
 #define FERRY_DISK_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "disk/heat.h"
@@ -34,6 +35,10 @@ struct disk_config {
   bool cbt_enabled;             /* false only for benchmarks and diagnostics */
   bool heat_enabled;            /* false only for benchmarks and diagnostics */
   uint64_t write_limit_bps;     /* 0 = unlimited */
+  bool cbt_new;                 /* the disk is new to ferry (just created or
+                                   added): a clean map is created ("created").
+                                   Otherwise an absent map file cannot vouch
+                                   for anything: all dirty ("recovered"). */
 };
 
 /* Opens the backend and loads (or creates) the CBT map.  A missing, corrupt or
@@ -98,6 +103,8 @@ int disk_dirty_swap(struct disk *d, struct disk_dirty_map *out);
  * because the map file could not vouch for them), or "off". */
 const char *disk_cbt_state(struct disk *d);
 bool disk_cbt_enabled(const struct disk *d);
+/* The disk's map, NULL when CBT is off (diagnostics and tests). */
+struct cbt *disk_cbt(struct disk *d);
 
 /* --- Heat, statistics, trace --- */
 struct heat *disk_heat(struct disk *d);   /* NULL when heat is off */

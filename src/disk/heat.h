@@ -10,7 +10,11 @@
  *    per-second counters), latency histograms per kind (cumulative and over the
  *    last completed 10 s window).
  *  - a sampled trace: a ring of the last HEAT_TRACE_SIZE sampled IOs (offset,
- *    length, kind, wall-clock time, latency).  1 in `trace_every` IOs is kept.
+ *    length, kind, wall-clock time, latency).  1 in `trace_every` IOs is kept
+ *    (default 1: every IO).
+ * Regions count reads and writes only (trim, zero, flush and cache count in
+ * the per-disk totals, rates, histograms and trace); an IO that spans regions
+ * counts once in each, its bytes split exactly between them.
  * Memory is bounded by the constants, never by the data written. */
 #ifndef FERRY_HEAT_H
 #define FERRY_HEAT_H
@@ -39,9 +43,15 @@ void heat_record(struct heat *h, enum io_kind kind, uint64_t off, uint64_t len,
 /* Folds epochs into scores and rolls the per-second ring; safe to call often
  * (it does the work only when a second has passed).  Called by a ticker. */
 void heat_tick(struct heat *h);
+/* heat_tick with the time given (CLOCK_MONOTONIC ns): lets tests drive the
+ * clock.  Time runs from heat_new(); a time earlier than the last fold is a
+ * no-op. */
+void heat_tick_at(struct heat *h, uint64_t mono_ns);
 
 void heat_set_half_life(struct heat *h, unsigned seconds);
 void heat_set_trace_every(struct heat *h, unsigned every);  /* 0 = trace off */
+unsigned heat_half_life(const struct heat *h);
+unsigned heat_trace_every(const struct heat *h);
 
 uint64_t heat_region_size(const struct heat *h);
 uint64_t heat_nregions(const struct heat *h);

@@ -1,0 +1,811 @@
+/* cbt: crash-safe changed-block tracking (see cbt.h for the design, the file
+ * format and fail mode).
+ *
+ * Durability bookkeeping.  Commits are numbered.  `open_seq` is the number of
+ * the commit that will carry changes made now; `durable_seq` is the last
+ * commit whose pages are on disk and synced (commits complete in order, so
+ * every commit <= durable_seq is durable).  Each bit page p has page_seq[p]:
+ * the commit that carries its latest change.  A range whose bits are all set
+ * needs no wait iff every page it touches has page_seq <= durable_seq.
+ *
+ * Memory ordering of the lock-free fast path: a marker stores page_seq[p]
+ * (release) BEFORE it sets the page's bits (seq_cst fetch_or), and the fast
+ * path loads the bits with acquire before page_seq.  So whoever sees a bit
+ * set also sees the commit that will persist it, never an older one: a writer
+ * whose bits were set by someone else still waits for that commit.
+ *
+ * Thread model.
+ *   swap_lock  writer-preferring rwlock: shared by writers from before their
+ *              mark to after their data write; exclusive in cbt_swap.
+ *   lock       guards open_seq, the pending page set, `committing`, `stop`,
+ *              fail mode and the generation; bits are set only under it (the
+ *              slow path), so the committer's snapshot of a page after taking
+ *              a batch contains every mark numbered with that batch.
+ *   committing whoever writes the map file (the committer thread, a full
+ *              rewrite in cbt_sync, cbt_swap) sets it under `lock` first, so
+ *              file writes never overlap and c->fd is stable while set.
+ * Naming: cbt_* are public (cbt.h); everything else is static. */
+#include "disk/cbt.h"
+
+#include <endian.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include "common/log.h"
+#include "common/util.h"
+
+#define PAGE_WORDS ((CBT_PAGE_SIZE - 8) / 8)   /* 511 u64 words of bits per page */
+#define HDR_CSUM_OFF 56
+#define IO_PAGES 64                            /* pages per write/read call */
+
+static const char fail_state[] =
+  "failed: the map file cannot be written (see the log); writes to clean regions fail";
+
+struct cbt {
+  char *path, *tmp_path, *disk_name;
+  uint64_t disk_size, granularity, nbits, npages;
+  unsigned shift;                      /* log2(granularity) */
+
+  struct bitmap map;                   /* live map */
+  _Atomic uint64_t *page_seq;          /* [npages] commit carrying the latest change */
+  _Atomic uint64_t durable_seq;        /* last durable commit */
+  _Atomic uint64_t nset;               /* bits set in map */
+  _Atomic bool failed;                 /* fail mode */
+  _Atomic int inject_err;              /* test hook: map writes fail with it */
+  _Atomic(const char *) state_ptr;     /* state or fail_state */
+  _Atomic uint64_t generation;
+
+  pthread_rwlock_t swap_lock;
+
+  pthread_mutex_t lock;
+  pthread_cond_t work;                 /* to the committer: pages pending / file free */
+  pthread_cond_t done;                 /* to waiters: durable_seq moved, fail mode, file free */
+  uint64_t open_seq;
+  struct bitmap pending;               /* [npages] pages changed since the last batch */
+  uint64_t npending;
+  bool committing;
+  unsigned want_file;                  /* sync/close waiting for the file: committer yields */
+  bool stop;
+  uint64_t full_seq;                   /* commit of the last full write (0: none) */
+
+  int fd;                              /* the map file; used only while committing */
+  uint64_t *batch;                     /* [npages] the committer's page list */
+  unsigned char *iobuf;                /* IO_PAGES pages, for whoever is committing */
+  pthread_t committer;
+  bool committer_started;
+  char state[320];                     /* set at open, then constant */
+};
+
+/* ---- encoding ---- */
+
+static void put32(unsigned char *p, uint32_t v) { v = htole32(v); memcpy(p, &v, 4); }
+static void put64(unsigned char *p, uint64_t v) { v = htole64(v); memcpy(p, &v, 8); }
+static uint32_t get32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return le32toh(v); }
+static uint64_t get64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return le64toh(v); }
+
+static void header_build(const struct cbt *c, uint64_t generation, uint64_t flags,
+                         unsigned char *buf)
+{
+  memset(buf, 0, CBT_PAGE_SIZE);
+  memcpy(buf, CBT_MAGIC, 8);
+  put32(buf + 8, CBT_VERSION);
+  put32(buf + 12, CBT_PAGE_SIZE);
+  put64(buf + 16, c->granularity);
+  put64(buf + 24, c->disk_size);
+  put64(buf + 32, c->nbits);
+  put64(buf + 40, generation);
+  put64(buf + 48, flags);
+  put64(buf + HDR_CSUM_OFF, XXH64(buf, HDR_CSUM_OFF, 0));
+}
+
+/* Bit page p (file page p + 1) from bm, or all clear when bm is NULL. */
+static void page_build(const struct cbt *c, const struct bitmap *bm, uint64_t p,
+                       unsigned char *buf)
+{
+  uint64_t w0 = p * PAGE_WORDS;
+  for (uint64_t i = 0; i < PAGE_WORDS; i++) {
+    uint64_t w = 0;
+    if (bm && w0 + i < bm->nwords)
+      w = atomic_load_explicit(&bm->words[w0 + i], memory_order_relaxed);
+    put64(buf + i * 8, w);
+  }
+  put64(buf + PAGE_WORDS * 8, XXH64(buf, PAGE_WORDS * 8, p + 1));
+}
+
+static bool page_valid(const unsigned char *buf, uint64_t p)
+{
+  return get64(buf + PAGE_WORDS * 8) == XXH64(buf, PAGE_WORDS * 8, p + 1);
+}
+
+/* ---- file IO (caller is the one committing, or the opener) ---- */
+
+static int map_pwrite(struct cbt *c, int fd, const void *buf, size_t len, uint64_t off)
+{
+  int e = atomic_load_explicit(&c->inject_err, memory_order_relaxed);
+  if (e)
+    return -e;
+  return pwrite_full(fd, buf, len, (off_t)off) < 0 ? -errno : 0;
+}
+
+static int map_sync(struct cbt *c, int fd)
+{
+  int e = atomic_load_explicit(&c->inject_err, memory_order_relaxed);
+  if (e)
+    return -e;
+  while (fdatasync(fd) < 0) {
+    if (errno != EINTR)
+      return -errno;
+  }
+  return 0;
+}
+
+/* Writes the header and every bit page of bm (NULL: clean) to fd. */
+static int write_whole(struct cbt *c, int fd, uint64_t generation, uint64_t flags,
+                       const struct bitmap *bm)
+{
+  header_build(c, generation, flags, c->iobuf);
+  int r = map_pwrite(c, fd, c->iobuf, CBT_PAGE_SIZE, 0);
+  for (uint64_t p = 0; r == 0 && p < c->npages; p += IO_PAGES) {
+    uint64_t n = MIN((uint64_t)IO_PAGES, c->npages - p);
+    for (uint64_t i = 0; i < n; i++)
+      page_build(c, bm, p + i, c->iobuf + i * CBT_PAGE_SIZE);
+    r = map_pwrite(c, fd, c->iobuf, n * CBT_PAGE_SIZE, (p + 1) * CBT_PAGE_SIZE);
+  }
+  return r ? r : map_sync(c, fd);
+}
+
+/* Writes a complete map to path.tmp, syncs it, renames it over path and syncs
+ * the directory; then it is c->fd.  A crash at any point leaves either the
+ * old file or the new one. */
+static int write_new_file(struct cbt *c, uint64_t generation, const struct bitmap *bm)
+{
+  int fd = open(c->tmp_path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0)
+    return -errno;
+  int r = write_whole(c, fd, generation, 0, bm);
+  if (r == 0)
+    r = fsync(fd) < 0 ? -errno : 0;       /* size and metadata too, before the rename */
+  if (r == 0)
+    r = rename(c->tmp_path, c->path) < 0 ? -errno : 0;
+  if (r == 0)
+    r = fsync_parent_dir(c->path) < 0 ? -errno : 0;
+  if (r < 0) {
+    close(fd);
+    unlink(c->tmp_path);
+    return r;
+  }
+  if (c->fd >= 0)
+    close(c->fd);
+  c->fd = fd;
+  return 0;
+}
+
+/* Writes the listed bit pages (sorted) from the live map, then one fdatasync. */
+static int write_pages(struct cbt *c, const uint64_t *pages, uint64_t n)
+{
+  uint64_t i = 0;
+  while (i < n) {
+    uint64_t run = 1;   /* consecutive pages go in one pwrite */
+    while (i + run < n && run < IO_PAGES && pages[i + run] == pages[i] + run)
+      run++;
+    for (uint64_t k = 0; k < run; k++)
+      page_build(c, &c->map, pages[i + k], c->iobuf + k * CBT_PAGE_SIZE);
+    int r = map_pwrite(c, c->fd, c->iobuf, run * CBT_PAGE_SIZE, (pages[i] + 1) * CBT_PAGE_SIZE);
+    if (r < 0)
+      return r;
+    i += run;
+  }
+  return map_sync(c, c->fd);
+}
+
+/* ---- fail mode ---- */
+
+/* __fn: caller holds c->lock.  A map we could not write may be stale on disk:
+ * it goes, so that a restart finds no map and marks everything dirty. */
+static void fail_enter_locked(struct cbt *c, const char *what, int err)
+{
+  if (atomic_load(&c->failed))
+    return;
+  atomic_store(&c->failed, true);
+  atomic_store(&c->state_ptr, fail_state);
+  bool gone = unlink(c->path) == 0 || errno == ENOENT;
+  if (gone)
+    fsync_parent_dir(c->path);
+  log_error(c->disk_name,
+            "cbt: cannot %s map %s: %s; writes to clean regions fail until the map "
+            "can be rewritten (%s)",
+            what, c->path, strerror(-err),
+            gone ? "map file removed: a restart will mark the whole disk dirty"
+                 : "and the map file could not be removed");
+}
+
+/* __fn: caller holds c->lock; a complete map file was just written. */
+static void fail_leave_locked(struct cbt *c)
+{
+  if (!atomic_load(&c->failed))
+    return;
+  atomic_store(&c->failed, false);
+  atomic_store(&c->state_ptr, c->state);
+  log_warn(c->disk_name, "cbt: map %s rewritten in full; leaving fail mode", c->path);
+}
+
+/* ---- committer ---- */
+
+/* __fn: caller holds c->lock; waits until no one is writing the file, then
+ * makes the caller the one. */
+static void file_acquire_locked(struct cbt *c)
+{
+  c->want_file++;        /* the committer takes no new batch meanwhile: no starvation */
+  while (c->committing)
+    pthread_cond_wait(&c->done, &c->lock);
+  c->want_file--;
+  c->committing = true;
+}
+
+/* __fn: caller holds c->lock. */
+static void file_release_locked(struct cbt *c)
+{
+  c->committing = false;
+  pthread_cond_broadcast(&c->done);
+  pthread_cond_signal(&c->work);
+}
+
+static void *committer_main(void *arg)
+{
+  struct cbt *c = arg;
+  pthread_mutex_lock(&c->lock);
+  for (;;) {
+    if (c->committing || c->want_file || (c->npending == 0 && !c->stop)) {
+      pthread_cond_wait(&c->work, &c->lock);
+      continue;
+    }
+    if (c->npending == 0)
+      break;                                   /* stop, and nothing left */
+    uint64_t seq = c->open_seq++;              /* later marks go to the next batch */
+    uint64_t n = 0;
+    for (uint64_t p = bitmap_next(&c->pending, 0, true); p < c->npages;
+         p = bitmap_next(&c->pending, p + 1, true)) {
+      c->batch[n++] = p;
+      bitmap_clear(&c->pending, p);
+    }
+    c->npending = 0;
+    bool failed = atomic_load(&c->failed);
+    c->committing = true;
+    pthread_mutex_unlock(&c->lock);
+
+    /* In fail mode nothing is written: the waiters learn -EIO, and the next
+     * full rewrite (sync, swap) carries these pages. */
+    int r = failed ? 0 : write_pages(c, c->batch, n);
+
+    pthread_mutex_lock(&c->lock);
+    c->committing = false;
+    if (r < 0)
+      fail_enter_locked(c, "write", r);
+    else if (!failed)
+      atomic_store_explicit(&c->durable_seq, seq, memory_order_release);
+    pthread_cond_broadcast(&c->done);
+  }
+  pthread_mutex_unlock(&c->lock);
+  return NULL;
+}
+
+/* ---- marks ---- */
+
+/* Are bits [first, last] all set?  Acquire loads: see the file comment. */
+static bool range_all_set(const struct bitmap *b, uint64_t first, uint64_t last)
+{
+  for (uint64_t w = first >> 6; w <= last >> 6; w++) {
+    uint64_t lo = w == first >> 6 ? (first & 63) : 0;
+    uint64_t hi = w == last >> 6 ? (last & 63) : 63;
+    uint64_t mask = (UINT64_MAX >> (63 - hi)) & (UINT64_MAX << lo);
+    if ((atomic_load_explicit(&b->words[w], memory_order_acquire) & mask) != mask)
+      return false;
+  }
+  return true;
+}
+
+/* Sets bits [first, last]; returns how many were clear. */
+static uint64_t range_set(struct bitmap *b, uint64_t first, uint64_t last)
+{
+  uint64_t newly = 0;
+  for (uint64_t w = first >> 6; w <= last >> 6; w++) {
+    uint64_t lo = w == first >> 6 ? (first & 63) : 0;
+    uint64_t hi = w == last >> 6 ? (last & 63) : 63;
+    uint64_t mask = (UINT64_MAX >> (63 - hi)) & (UINT64_MAX << lo);
+    uint64_t old = atomic_fetch_or(&b->words[w], mask);
+    newly += (uint64_t)__builtin_popcountll(mask & ~old);
+  }
+  return newly;
+}
+
+/* The largest page_seq above durable among the pages of [first, last]. */
+static uint64_t pages_ticket(struct cbt *c, uint64_t first, uint64_t last, uint64_t durable)
+{
+  uint64_t ticket = 0;
+  for (uint64_t p = first / CBT_PAGE_BITS; p <= last / CBT_PAGE_BITS; p++) {
+    uint64_t s = atomic_load_explicit(&c->page_seq[p], memory_order_acquire);
+    if (s > durable && s > ticket)
+      ticket = s;
+  }
+  return ticket;
+}
+
+uint64_t cbt_mark(struct cbt *c, uint64_t off, uint64_t len)
+{
+  if (len == 0 || off >= c->disk_size)
+    return 0;
+  uint64_t first = off >> c->shift;
+  uint64_t last = MIN((off + len - 1) >> c->shift, c->nbits - 1);
+
+  /* Fast path: atomic loads only. */
+  uint64_t durable = atomic_load_explicit(&c->durable_seq, memory_order_acquire);
+  if (range_all_set(&c->map, first, last))
+    return pages_ticket(c, first, last, durable);
+
+  pthread_mutex_lock(&c->lock);
+  if (atomic_load(&c->failed) && !range_all_set(&c->map, first, last)) {
+    pthread_mutex_unlock(&c->lock);
+    return CBT_TICKET_FAILED;
+  }
+  durable = atomic_load_explicit(&c->durable_seq, memory_order_acquire);
+  uint64_t seq = c->open_seq, ticket = 0, newly = 0;
+  for (uint64_t p = first / CBT_PAGE_BITS; p <= last / CBT_PAGE_BITS; p++) {
+    uint64_t lo = MAX(first, p * CBT_PAGE_BITS);
+    uint64_t hi = MIN(last, p * CBT_PAGE_BITS + CBT_PAGE_BITS - 1);
+    if (range_all_set(&c->map, lo, hi)) {
+      uint64_t s = atomic_load_explicit(&c->page_seq[p], memory_order_acquire);
+      if (s > durable && s > ticket)
+        ticket = s;
+      continue;
+    }
+    atomic_store_explicit(&c->page_seq[p], seq, memory_order_release);  /* before the bits */
+    newly += range_set(&c->map, lo, hi);
+    if (!bitmap_set(&c->pending, p))
+      c->npending++;
+    ticket = seq;
+  }
+  if (newly) {
+    atomic_fetch_add_explicit(&c->nset, newly, memory_order_relaxed);
+    pthread_cond_signal(&c->work);
+  }
+  pthread_mutex_unlock(&c->lock);
+  return ticket;
+}
+
+bool cbt_ticket_done(struct cbt *c, uint64_t ticket)
+{
+  if (ticket == 0)
+    return true;
+  if (ticket == CBT_TICKET_FAILED)
+    return false;
+  return atomic_load_explicit(&c->durable_seq, memory_order_acquire) >= ticket;
+}
+
+int cbt_wait(struct cbt *c, uint64_t ticket)
+{
+  if (cbt_ticket_done(c, ticket))
+    return 0;
+  if (ticket == CBT_TICKET_FAILED)
+    return -EIO;
+  pthread_mutex_lock(&c->lock);
+  while (atomic_load(&c->durable_seq) < ticket && !atomic_load(&c->failed))
+    pthread_cond_wait(&c->done, &c->lock);
+  int r = atomic_load(&c->durable_seq) >= ticket ? 0 : -EIO;
+  pthread_mutex_unlock(&c->lock);
+  return r;
+}
+
+void cbt_write_begin(struct cbt *c) { pthread_rwlock_rdlock(&c->swap_lock); }
+bool cbt_write_trybegin(struct cbt *c) { return pthread_rwlock_tryrdlock(&c->swap_lock) == 0; }
+void cbt_write_end(struct cbt *c) { pthread_rwlock_unlock(&c->swap_lock); }
+
+/* ---- sync, snapshot, swap ---- */
+
+int cbt_sync(struct cbt *c)
+{
+  pthread_mutex_lock(&c->lock);
+  file_acquire_locked(c);
+  /* A full write carries every mark made so far: it is commit `seq`. */
+  uint64_t seq = c->open_seq++;
+  bitmap_clear_all(&c->pending);
+  c->npending = 0;
+  bool failed = atomic_load(&c->failed);
+  uint64_t gen = atomic_load(&c->generation);
+  pthread_mutex_unlock(&c->lock);
+
+  /* In fail mode the old file may be gone or stale: a new one replaces it. */
+  int r = failed ? write_new_file(c, gen, &c->map) : write_whole(c, c->fd, gen, 0, &c->map);
+
+  pthread_mutex_lock(&c->lock);
+  if (r == 0) {
+    atomic_store_explicit(&c->durable_seq, seq, memory_order_release);
+    c->full_seq = seq;
+    fail_leave_locked(c);
+  } else {
+    fail_enter_locked(c, "sync", r);
+  }
+  file_release_locked(c);
+  pthread_mutex_unlock(&c->lock);
+  return r;
+}
+
+int cbt_snapshot(struct cbt *c, struct bitmap *out)
+{
+  if (out->nbits != c->nbits)
+    return -EINVAL;
+  pthread_rwlock_rdlock(&c->swap_lock);   /* no swap clears the map under us */
+  bitmap_copy(out, &c->map);
+  pthread_rwlock_unlock(&c->swap_lock);
+  return 0;
+}
+
+int cbt_swap(struct cbt *c, struct bitmap *out, uint64_t *new_generation)
+{
+  if (out->nbits != c->nbits)
+    return -EINVAL;
+  pthread_rwlock_wrlock(&c->swap_lock);   /* writers drain; none starts */
+
+  /* Let the committer finish what is pending, so the old file is a complete
+   * superset up to the moment the new one replaces it. */
+  pthread_mutex_lock(&c->lock);
+  while (c->committing || c->npending) {
+    pthread_cond_signal(&c->work);
+    pthread_cond_wait(&c->done, &c->lock);
+  }
+  c->committing = true;
+  uint64_t seq = c->open_seq++;
+  uint64_t gen = atomic_load(&c->generation) + 1;
+  pthread_mutex_unlock(&c->lock);
+
+  int r = write_new_file(c, gen, NULL);
+  if (r == 0) {
+    bitmap_copy(out, &c->map);
+    bitmap_clear_all(&c->map);
+    atomic_store(&c->nset, 0);
+    atomic_store(&c->generation, gen);
+    if (new_generation)
+      *new_generation = gen;
+  } else {
+    log_error(c->disk_name, "cbt: cannot write a clean map %s: %s; the map is unchanged",
+              c->tmp_path, strerror(-r));
+  }
+
+  pthread_mutex_lock(&c->lock);
+  if (r == 0) {
+    /* Every mark made before the swap is in `out`; the file is clean and
+     * durable: all tickets issued so far are settled. */
+    atomic_store_explicit(&c->durable_seq, seq, memory_order_release);
+    fail_leave_locked(c);
+  }
+  file_release_locked(c);
+  pthread_mutex_unlock(&c->lock);
+  pthread_rwlock_unlock(&c->swap_lock);
+  return r;
+}
+
+/* ---- open ---- */
+
+static void cbt_free(struct cbt *c)
+{
+  if (!c)
+    return;
+  if (c->fd >= 0)
+    close(c->fd);
+  bitmap_free(&c->map);
+  bitmap_free(&c->pending);
+  free(c->page_seq);
+  free(c->batch);
+  free(c->iobuf);
+  free(c->path);
+  free(c->tmp_path);
+  free(c->disk_name);
+  pthread_rwlock_destroy(&c->swap_lock);
+  pthread_mutex_destroy(&c->lock);
+  pthread_cond_destroy(&c->work);
+  pthread_cond_destroy(&c->done);
+  free(c);
+}
+
+static struct cbt *cbt_alloc(const char *path, const char *disk_name, uint64_t disk_size,
+                             uint64_t granularity)
+{
+  struct cbt *c = calloc(1, sizeof *c);
+  if (!c)
+    return NULL;
+  c->fd = -1;
+  pthread_rwlockattr_t ra;
+  pthread_rwlockattr_init(&ra);
+  /* A swap must not starve behind a stream of writers. */
+  pthread_rwlockattr_setkind_np(&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+  pthread_rwlock_init(&c->swap_lock, &ra);
+  pthread_rwlockattr_destroy(&ra);
+  pthread_mutex_init(&c->lock, NULL);
+  pthread_cond_init(&c->work, NULL);
+  pthread_cond_init(&c->done, NULL);
+  c->disk_size = disk_size;
+  c->granularity = granularity;
+  c->shift = (unsigned)__builtin_ctzll(granularity);
+  c->nbits = DIV_ROUND_UP(disk_size, granularity);
+  c->npages = DIV_ROUND_UP(c->nbits, CBT_PAGE_BITS);
+  c->open_seq = 1;
+  atomic_init(&c->state_ptr, c->state);
+  c->path = strdup(path);
+  c->disk_name = strdup(disk_name ? disk_name : "");
+  if (!c->path || !c->disk_name || asprintf(&c->tmp_path, "%s.tmp", path) < 0) {
+    c->tmp_path = NULL;
+    cbt_free(c);
+    return NULL;
+  }
+  c->page_seq = calloc(MAX(c->npages, 1), sizeof *c->page_seq);
+  c->batch = calloc(MAX(c->npages, 1), sizeof *c->batch);
+  c->iobuf = malloc((size_t)IO_PAGES * CBT_PAGE_SIZE);
+  if (!c->page_seq || !c->batch || !c->iobuf || bitmap_init(&c->map, c->nbits) < 0 ||
+      bitmap_init(&c->pending, c->npages) < 0) {
+    cbt_free(c);
+    return NULL;
+  }
+  return c;
+}
+
+static void set_all_dirty(struct cbt *c)
+{
+  bitmap_set_all(&c->map);
+  atomic_store(&c->nset, c->nbits);
+}
+
+/* What loading found. */
+enum load_result {
+  LOAD_OK,          /* trusted as is */
+  LOAD_REWRITE,     /* header good, some pages refused: rewrite in place */
+  LOAD_REPLACE,     /* file refused as a whole: write a new one */
+};
+
+static enum load_result load_file(struct cbt *c, int fd, char *why, size_t whylen)
+{
+  struct stat st;
+  if (fstat(fd, &st) < 0) {
+    snprintf(why, whylen, "cannot stat the map file: %s", strerror(errno));
+    set_all_dirty(c);
+    return LOAD_REPLACE;
+  }
+  uint64_t fsize = (uint64_t)st.st_size;
+  unsigned char *h = c->iobuf;
+  if (fsize < CBT_PAGE_SIZE) {
+    snprintf(why, whylen, "the map file is truncated (%llu bytes, no complete header)",
+             (unsigned long long)fsize);
+    set_all_dirty(c);
+    return LOAD_REPLACE;
+  }
+  if (pread_full(fd, h, CBT_PAGE_SIZE, 0) < 0) {
+    snprintf(why, whylen, "cannot read the map header: %s", strerror(errno));
+    set_all_dirty(c);
+    return LOAD_REPLACE;
+  }
+  if (memcmp(h, CBT_MAGIC, 8) != 0) {
+    snprintf(why, whylen, "the map file has no %s magic", CBT_MAGIC);
+    set_all_dirty(c);
+    return LOAD_REPLACE;
+  }
+  if (get64(h + HDR_CSUM_OFF) != XXH64(h, HDR_CSUM_OFF, 0)) {
+    snprintf(why, whylen, "the map header fails its checksum");
+    set_all_dirty(c);
+    return LOAD_REPLACE;
+  }
+  uint32_t version = get32(h + 8), page_size = get32(h + 12);
+  uint64_t gran = get64(h + 16), size = get64(h + 24), nbits = get64(h + 32);
+  uint64_t gen = get64(h + 40), flags = get64(h + 48);
+  if (version != CBT_VERSION || page_size != CBT_PAGE_SIZE) {
+    snprintf(why, whylen, "unsupported map version %u (page size %u)", version, page_size);
+    set_all_dirty(c);
+    return LOAD_REPLACE;
+  }
+  atomic_store(&c->generation, gen);   /* a valid header keeps its generation */
+  if (gran != c->granularity) {
+    snprintf(why, whylen, "the map granularity %llu differs from the disk's %llu",
+             (unsigned long long)gran, (unsigned long long)c->granularity);
+  } else if (size != c->disk_size || nbits != c->nbits) {
+    snprintf(why, whylen, "the map is for a disk of %llu bytes, the disk has %llu",
+             (unsigned long long)size, (unsigned long long)c->disk_size);
+  } else if (flags & CBT_FLAG_UNTRACKED) {
+    snprintf(why, whylen, "the disk was served with change tracking off");
+  } else if (flags) {
+    snprintf(why, whylen, "unknown map flags %#llx", (unsigned long long)flags);
+  } else {
+    goto pages;
+  }
+  set_all_dirty(c);
+  return LOAD_REPLACE;
+
+pages:;
+  uint64_t bad = 0, missing = 0, first_missing = 0, nset = 0;
+  char list[96] = "";
+  size_t listlen = 0;
+  for (uint64_t p = 0; p < c->npages; p += IO_PAGES) {
+    uint64_t n = MIN((uint64_t)IO_PAGES, c->npages - p);
+    uint64_t avail = fsize > (p + 1) * CBT_PAGE_SIZE
+                       ? MIN(n, (fsize - (p + 1) * CBT_PAGE_SIZE) / CBT_PAGE_SIZE) : 0;
+    if (avail && pread_full(fd, c->iobuf, avail * CBT_PAGE_SIZE, (off_t)((p + 1) * CBT_PAGE_SIZE)) < 0)
+      avail = 0;   /* unreadable: as if missing */
+    for (uint64_t i = 0; i < n; i++) {
+      uint64_t pg = p + i;
+      uint64_t b0 = pg * CBT_PAGE_BITS;
+      uint64_t nb = MIN((uint64_t)CBT_PAGE_BITS, c->nbits - b0);
+      const unsigned char *buf = c->iobuf + i * CBT_PAGE_SIZE;
+      if (i >= avail || !page_valid(buf, pg)) {
+        if (i >= avail) {
+          if (!missing++)
+            first_missing = pg + 1;
+        } else {
+          if (bad++ < 4)
+            listlen += (size_t)snprintf(list + listlen, sizeof list - MIN(listlen, sizeof list),
+                                        "%s%llu", bad > 1 ? ", " : "", (unsigned long long)(pg + 1));
+          listlen = MIN(listlen, sizeof list);
+        }
+        bitmap_set_range(&c->map, b0, nb);   /* refused: dirty, never clean */
+        nset += nb;
+        continue;
+      }
+      uint64_t w0 = pg * PAGE_WORDS;
+      for (uint64_t k = 0; k < PAGE_WORDS && w0 + k < c->map.nwords; k++) {
+        uint64_t w = get64(buf + k * 8);
+        if (w0 + k == c->map.nwords - 1 && (c->nbits & 63))
+          w &= (UINT64_C(1) << (c->nbits & 63)) - 1;   /* keep the tail clear */
+        atomic_store_explicit(&c->map.words[w0 + k], w, memory_order_relaxed);
+        nset += (uint64_t)__builtin_popcountll(w);
+      }
+    }
+  }
+  atomic_store(&c->nset, nset);
+  if (!bad && !missing)
+    return LOAD_OK;
+  size_t n = 0;
+  if (bad)
+    n += (size_t)snprintf(why, whylen, "%llu of %llu bit pages fail their checksum (page%s %s%s)",
+                          (unsigned long long)bad, (unsigned long long)c->npages,
+                          bad > 1 ? "s" : "", list, bad > 4 ? ", ..." : "");
+  if (missing && n < whylen)
+    snprintf(why + n, whylen - n, "%sthe map file is truncated (pages %llu to %llu missing)",
+             n ? "; " : "", (unsigned long long)first_missing,
+             (unsigned long long)(first_missing + missing - 1));
+  return LOAD_REWRITE;
+}
+
+struct cbt *cbt_open_ex(const char *path, const char *disk_name, uint64_t disk_size,
+                        uint64_t granularity, unsigned flags, char *err, size_t errlen)
+{
+  if (granularity == 0)
+    granularity = CBT_DEFAULT_GRANULARITY;
+  if (granularity < 4096 || (granularity & (granularity - 1))) {
+    snprintf(err, errlen, "cbt granularity %llu is not a power of two >= 4096",
+             (unsigned long long)granularity);
+    return NULL;
+  }
+  struct cbt *c = cbt_alloc(path, disk_name, disk_size, granularity);
+  if (!c) {
+    snprintf(err, errlen, "out of memory for the dirty map");
+    return NULL;
+  }
+
+  char why[256] = "";
+  enum load_result lr = LOAD_REPLACE;
+  if (flags & CBT_OPEN_NEW) {
+    snprintf(c->state, sizeof c->state, "created");
+  } else {
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0) {
+      if (errno == ENOENT)
+        snprintf(why, sizeof why, "there is no map file (deleted, or never written)");
+      else
+        snprintf(why, sizeof why, "the map file cannot be opened: %s", strerror(errno));
+      set_all_dirty(c);
+    } else {
+      c->fd = fd;
+      lr = load_file(c, fd, why, sizeof why);
+    }
+  }
+
+  int r = 0;
+  if (lr == LOAD_REWRITE) {
+    r = write_whole(c, c->fd, atomic_load(&c->generation), 0, &c->map);
+    if (r < 0)
+      lr = LOAD_REPLACE;   /* in place failed: try a new file */
+  }
+  if (lr == LOAD_REPLACE)
+    r = write_new_file(c, atomic_load(&c->generation), &c->map);
+  if (r < 0) {
+    snprintf(err, errlen, "cannot write the dirty map %s: %s", path, strerror(-r));
+    cbt_free(c);
+    return NULL;
+  }
+
+  if (why[0]) {
+    snprintf(c->state, sizeof c->state, "recovered: %s", why);
+    log_warn(disk_name, "cbt: map %s refused in part or whole: %s; those regions are marked "
+             "dirty (%llu of %llu)", path, why, (unsigned long long)atomic_load(&c->nset),
+             (unsigned long long)c->nbits);
+  } else if (!(flags & CBT_OPEN_NEW)) {
+    snprintf(c->state, sizeof c->state, "ok");
+  }
+
+  if (pthread_create(&c->committer, NULL, committer_main, c) != 0) {
+    snprintf(err, errlen, "cannot start the dirty map committer thread");
+    cbt_free(c);
+    return NULL;
+  }
+  c->committer_started = true;
+  return c;
+}
+
+struct cbt *cbt_open(const char *path, const char *disk_name, uint64_t disk_size,
+                     uint64_t granularity, char *err, size_t errlen)
+{
+  return cbt_open_ex(path, disk_name, disk_size, granularity, 0, err, errlen);
+}
+
+void cbt_close(struct cbt *c)
+{
+  if (!c)
+    return;
+  if (c->committer_started) {
+    pthread_mutex_lock(&c->lock);
+    c->stop = true;
+    pthread_cond_signal(&c->work);
+    pthread_mutex_unlock(&c->lock);
+    pthread_join(c->committer, NULL);
+  }
+  /* A full write unless the last one (disk_sync_all) already holds it all. */
+  if (atomic_load(&c->failed) || c->full_seq == 0 || c->open_seq != c->full_seq + 1)
+    cbt_sync(c);   /* logs its own failure */
+  cbt_free(c);
+}
+
+int cbt_invalidate(const char *path, const char *disk_name)
+{
+  int fd = open(path, O_RDWR | O_CLOEXEC);
+  if (fd < 0)
+    return errno == ENOENT ? 0 : -errno;
+  unsigned char h[CBT_PAGE_SIZE];
+  int r = 0;
+  if (pread_full(fd, h, sizeof h, 0) < 0 || memcmp(h, CBT_MAGIC, 8) != 0 ||
+      get64(h + HDR_CSUM_OFF) != XXH64(h, HDR_CSUM_OFF, 0)) {
+    close(fd);
+    return 0;            /* refused at the next open anyway */
+  }
+  uint64_t flags = get64(h + 48);
+  if (!(flags & CBT_FLAG_UNTRACKED)) {
+    put64(h + 48, flags | CBT_FLAG_UNTRACKED);
+    put64(h + HDR_CSUM_OFF, XXH64(h, HDR_CSUM_OFF, 0));
+    if (pwrite_full(fd, h, sizeof h, 0) < 0 || fdatasync(fd) < 0)
+      r = -errno;
+  }
+  close(fd);
+  if (r < 0) {
+    /* Cannot flag it: a missing map is refused as well. */
+    if (unlink(path) == 0 || errno == ENOENT) {
+      fsync_parent_dir(path);
+      r = 0;
+    }
+  }
+  if (r == 0 && !(flags & CBT_FLAG_UNTRACKED))
+    log_info(disk_name, "cbt: map %s flagged: writes now go untracked, so the map will be "
+             "all dirty when tracking is back", path);
+  return r;
+}
+
+/* ---- accessors ---- */
+
+uint64_t cbt_granularity(const struct cbt *c) { return c->granularity; }
+uint64_t cbt_nbits(const struct cbt *c) { return c->nbits; }
+uint64_t cbt_generation(const struct cbt *c) { return atomic_load(&c->generation); }
+const char *cbt_state(const struct cbt *c) { return atomic_load(&c->state_ptr); }
+const struct bitmap *cbt_bitmap(const struct cbt *c) { return &c->map; }
+uint64_t cbt_dirty_count(const struct cbt *c) { return atomic_load_explicit(&c->nset, memory_order_relaxed); }
+bool cbt_failed(const struct cbt *c) { return atomic_load(&c->failed); }
+void cbt_inject_write_error(struct cbt *c, int err) { atomic_store(&c->inject_err, err); }
