@@ -169,7 +169,7 @@ def run_fio(uri, wl, runtime, size, tmp):
             "--time_based", f"--runtime={runtime}", "--ramp_time=1", "--norandommap",
             "--randrepeat=0", "--output-format=json"]
     p = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                       timeout=runtime + 120)
+                       timeout=runtime + 120, cwd=tmp)
     if p.returncode != 0:
         raise RuntimeError(f"fio failed ({p.returncode}): {p.stderr[-2000:]}")
     js = json.loads(p.stdout[p.stdout.index("{"):])

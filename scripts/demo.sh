@@ -57,9 +57,10 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 step "Start ferryd: data in $DATA, REST API on a free port, NBD on $SOCK"
-show "$BUILD/ferryd" --data-dir "$DATA" --api 127.0.0.1:0 --nbd "unix:$SOCK" --log-level info \
-  >"$LOG" 2>&1 &
-FERRYD_PID=$!
+FERRYD_ARGS=(--data-dir "$DATA" --api 127.0.0.1:0 --nbd "unix:$SOCK" --log-level info)
+printf '$ %s %s >%s 2>&1 &\n' "$BUILD/ferryd" "${FERRYD_ARGS[*]}" "$LOG"
+"$BUILD/ferryd" "${FERRYD_ARGS[@]}" >"$LOG" 2>&1 &
+FERRYD_PID=$!   # ferryd itself (no subshell in between), so SIGTERM reaches it
 echo "ferryd pid $FERRYD_PID; waiting for $DATA/ferryd.json"
 for _ in $(seq 300); do
   if [ -f "$DATA/ferryd.json" ] &&
@@ -70,6 +71,7 @@ for _ in $(seq 300); do
   sleep 0.1
 done
 [ -f "$DATA/ferryd.json" ] || { echo "ferryd not ready after 30 s" >&2; exit 1; }
+echo "ready"
 show cat "$DATA/ferryd.json"; echo
 API=$($PY -c 'import json,sys; print(json.load(open(sys.argv[1]))["api"])' "$DATA/ferryd.json")
 ferry() { printf '$ ferry %s\n' "$*"; "$BUILD/ferry" --api "$API" "$@"; }
@@ -88,6 +90,7 @@ open(sys.argv[1], "wb").write(data)
 EOF
 show qemu-img convert -n -p -f raw -O raw "$TMP/small.raw" "$URI"
 show qemu-img compare -f raw -F raw "$TMP/small.raw" "$URI"
+echo "(the disk is larger than the image: compare checks that the rest reads as zeros)"
 
 step "Write patterns at a few offsets with qemu-io (unaligned too), read them back verified"
 show qemu-io -f raw -c 'write -P 0xab 100M 64k' -c 'write -P 0xcd 300000123 3333' \

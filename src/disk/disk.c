@@ -476,7 +476,13 @@ uint64_t disk_dirty_bytes(struct disk *d)
 {
   if (!d->cbt)
     return d->size;
-  return MIN(cbt_dirty_count(d->cbt) * d->granularity, d->size);
+  uint64_t bytes = cbt_dirty_count(d->cbt) * d->granularity;
+  /* The last region may be short: count it at its real length, so this
+   * agrees with the extents (which are cut at the disk size). */
+  uint64_t nbits = cbt_nbits(d->cbt);
+  if (nbits && bitmap_test(cbt_bitmap(d->cbt), nbits - 1))
+    bytes -= nbits * d->granularity - d->size;
+  return bytes;
 }
 
 /* Copies a bitmap into out (a plain malloc'ed word array, allocated by the

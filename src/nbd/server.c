@@ -81,6 +81,7 @@ struct nbd_conn {
   bool fixed, no_zeroes, structured;
   char *export_name;
   void *handle;
+  bool attached;                           /* ex->attached() called for handle */
   uint64_t size;
   uint16_t tflags;
   char *meta_export;                       /* export the meta selection is for */
@@ -393,17 +394,22 @@ static uint16_t transmission_flags(const struct nbd_conn *c)
 /* Opens the export chosen by GO or EXPORT_NAME. */
 static int select_export(struct nbd_conn *c, const char *name, void *h)
 {
-  c->handle = h;
   c->export_name = strdup(name);
+  if (!c->export_name)
+    return -1;   /* the caller still owns h */
+  c->handle = h;
   c->size = c->ex->size(h);
   c->tflags = transmission_flags(c);
-  if (!c->export_name)
-    return -1;
   /* A meta context selection made for another export does not carry over. */
   if (c->n_meta_selected && (!c->meta_export || strcmp(c->meta_export, name) != 0)) {
     c->n_meta_selected = 0;
     memset(c->meta_selected, 0, sizeof c->meta_selected);
   }
+  /* Counted as a client before the final handshake reply, so that nothing
+   * (a disk removal) can slip in between "connected" and the first request. */
+  c->attached = true;
+  if (c->ex->attached)
+    c->ex->attached(h, c);
   return 0;
 }
 
@@ -459,13 +465,18 @@ static int handle_info_go(struct nbd_conn *c, uint32_t opt, const unsigned char 
       }
     }
   }
-  if (r == 0)
-    r = send_option_reply(c, opt, NBD_REP_ACK, NULL, 0);
   if (r < 0 || opt == NBD_OPT_INFO) {
+    if (r == 0)
+      r = send_option_reply(c, opt, NBD_REP_ACK, NULL, 0);
     c->ex->close(h);
     return r;
   }
-  return select_export(c, name, h) < 0 ? -1 : 1;
+  if (select_export(c, name, h) < 0) {
+    c->ex->close(h);
+    return -1;
+  }
+  /* From here the handle belongs to the connection and is closed with it. */
+  return send_option_reply(c, opt, NBD_REP_ACK, NULL, 0) < 0 ? -1 : 1;
 }
 
 /* Runs the option haggling.  Returns 1 when an export is entered, 0 on an
@@ -1204,8 +1215,6 @@ int nbd_serve_fds(const struct nbd_exports *ex, int in_fd, int out_fd,
   log_info(c->export_name, "client %s connected (%s replies%s)", c->peer,
            c->structured ? "structured" : "simple",
            c->n_meta_selected ? ", block status" : "");
-  if (ex->attached)
-    ex->attached(c->handle, c);
   if (opt && opt->workers)
     conn_start_workers(c, opt->workers);
 
@@ -1213,11 +1222,11 @@ int nbd_serve_fds(const struct nbd_exports *ex, int in_fd, int out_fd,
 
   batch_flush(c);
   conn_stop_workers(c);
-  if (ex->detached)
-    ex->detached(c->handle, c);
   log_info(c->export_name, "client %s disconnected", c->peer);
 
 out:
+  if (c->attached && ex->detached)
+    ex->detached(c->handle, c);
   if (c->handle)
     ex->close(c->handle);
   close(in_fd);

@@ -49,11 +49,8 @@ def need(*tools):
 
 
 def have_libnbd():
-    try:
-        import nbd  # noqa: F401,F811
-        return True
-    except ImportError:
-        return False
+    import importlib.util
+    return importlib.util.find_spec("nbd") is not None
 
 
 def run(cmd, timeout=300, check=True, **kw):
@@ -256,6 +253,15 @@ class Ferryd:
 
     def dirty(self, name):
         return self.api_ok("GET", f"/v1/disks/{name}/dirty")
+
+    def wait_idle(self, name, timeout=15):
+        """Waits until ferryd counts no client on the disk: a client process
+        that exited has closed its socket, but ferryd notices the disconnect
+        a moment later."""
+        deadline = time.monotonic() + timeout
+        while self.disk(name)["clients"] != 0:
+            assert time.monotonic() < deadline, f"disk {name} still has clients after {timeout}s"
+            time.sleep(0.02)
 
     def map_path(self, name):
         return self.data_dir / "cbt" / f"{name}.cbt"

@@ -2,11 +2,12 @@
 write limit, heat/trace/stats."""
 import json
 import os
+import signal
 import time
 
 import pytest
 
-from conftest import FERRY, GiB, KiB, MiB, RawNbdClient, run
+from conftest import FERRY, FERRYD, GiB, KiB, MiB, RawNbdClient, run, sanitizer_report
 
 
 def err_code(js):
@@ -69,6 +70,7 @@ def test_disk_add_existing_image(ferryd, tmp_path):
     assert d["owned"] is False and d["size"] == 8 * MiB and d["image"] == str(img)
     run(["qemu-img", "convert", "-f", "raw", "-O", "raw", ferryd.uri("ext"), tmp_path / "back.raw"])
     assert (tmp_path / "back.raw").read_bytes()[:MiB] == data
+    ferryd.wait_idle("ext")
     rm = ferryd.cli("disk", "rm", "ext", json_out=True)
     assert rm == {"removed": "ext", "image_deleted": False}
     assert img.exists() and img.read_bytes()[:MiB] == data, "an added image must be left in place"
@@ -187,6 +189,7 @@ def test_rm_busy_and_force(ferryd_any):
     d = ferryd_any
     d.create("busy", "16M")
     d.qemu_io("busy", "write -P 0x33 0 4096")
+    d.wait_idle("busy")
     c = RawNbdClient(d, "busy")
     assert c.size == 16 * MiB
     assert c.read(0, 4096) == b"\x33" * 4096
@@ -211,6 +214,8 @@ def test_rm_busy_and_force(ferryd_any):
 def test_clients_count_goes_back_to_zero(ferryd):
     ferryd.create("cc", "1M")
     cs = [RawNbdClient(ferryd, "cc") for _ in range(3)]
+    for c in cs:
+        c.read(0, 512)   # a reply proves the server has attached the client
     assert ferryd.disk("cc")["clients"] == 3
     for c in cs:
         c.close()
@@ -323,3 +328,81 @@ def test_stats_heat_trace_reflect_io(ferryd):
     # Counters survive nothing but are exact: K more writes add exactly K.
     ferryd.qemu_io("st", "write 0 512", "write 512 512")
     assert ferryd.disk("st")["stats"]["ops"]["write"] == k + 2
+
+
+def test_second_ferryd_on_same_data_dir_refused(ferryd):
+    """Two daemons on one data dir would each keep half of the dirty map."""
+    ferryd.create("one", "1M")
+    p = run([FERRYD, "--data-dir", ferryd.data_dir, "--api", "127.0.0.1:0",
+             "--nbd", f"unix:{ferryd.tmp / 'other.sock'}"], check=False, timeout=60)
+    out = (p.stdout + p.stderr).lower()
+    assert p.returncode == 1, (p.returncode, p.stdout, p.stderr)
+    assert "lock" in out or "already" in out or "another" in out, out
+    assert sanitizer_report(out) is None, out
+    # The first one is untouched and still serving.
+    assert json.loads((ferryd.data_dir / "ferryd.json").read_text())["pid"] == ferryd.pid
+    assert ferryd.disk("one")["size"] == MiB
+
+
+def test_missing_image_left_out_then_removable(ferryd, tmp_path):
+    img = tmp_path / "vanishing.raw"
+    img.write_bytes(bytes(4 * MiB))
+    ferryd.cli("disk", "add", "van", "--image", img)
+    ferryd.create("stay", "1M")
+    ferryd.stop()
+    img.unlink()
+    ferryd.start()
+    names = [d["name"] for d in ferryd.cli("disk", "list", json_out=True)["disks"]]
+    assert names == ["stay"], names
+    assert any("van" in ln and str(img) in ln for ln in ferryd.log().splitlines()), \
+        "the missing image must be logged with its path"
+    # Its registry row can still be removed, and stays removed.
+    st, js = ferryd.api("DELETE", "/v1/disks/van")
+    assert st == 200 and js["removed"] == "van", (st, js)
+    ferryd.restart()
+    assert ferryd.api("GET", "/v1/disks/van")[0] == 404
+    assert str(img) not in ferryd.log(), "a removed disk is still being opened at start"
+
+
+def test_sigterm_answers_requests_in_flight(ferryd):
+    """SIGTERM while a rate-limited write is still waiting and another client
+    is idle: the write is finished and answered, the idle client is
+    disconnected, ferryd exits 0, and the data is there after a restart."""
+    nbd = pytest.importorskip("nbd")
+    ferryd.create("drain", "16M")
+    ferryd.cli("disk", "limit", "drain", "--write", "256K")
+    h = nbd.NBD()
+    h.connect_uri(ferryd.uri("drain"))
+    idle = RawNbdClient(ferryd, "drain")
+    idle.read(0, 512)
+    bufs = [nbd.Buffer.from_bytearray(bytearray([i + 1]) * MiB) for i in range(2)]
+    cookies = [h.aio_pwrite(b, i * MiB) for i, b in enumerate(bufs)]
+    # At 256 KiB/s the second 1 MiB write waits about 4 s in the limiter.
+    t_end = time.monotonic() + 0.5
+    while time.monotonic() < t_end:
+        h.poll(0)
+        time.sleep(0.01)
+    assert not h.aio_command_completed(cookies[1]), "the limit did not hold the second write"
+    ferryd.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    pending = list(cookies)
+    while pending and time.monotonic() < deadline:
+        h.poll(1)
+        for c in list(pending):
+            try:
+                if h.aio_command_completed(c):
+                    pending.remove(c)
+            except nbd.Error as e:
+                pytest.fail(f"a write in flight at SIGTERM failed: {e}")
+    assert not pending, "writes in flight at SIGTERM were not answered"
+    assert idle.closed_by_server(), "the idle client was not disconnected"
+    idle.close()
+    rc = ferryd.proc.wait(timeout=60)
+    ferryd.proc = None
+    assert rc == 0, ferryd.log()[-3000:]
+    assert sanitizer_report(ferryd.log()) is None
+    assert not (ferryd.data_dir / "ferryd.json").exists()
+    del h
+    ferryd.start()
+    assert ferryd.disk("drain")["dirty_bytes"] == 2 * MiB
+    ferryd.qemu_io("drain", f"read -P 1 0 {MiB}", f"read -P 2 {MiB} {MiB}")

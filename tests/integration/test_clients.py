@@ -167,7 +167,8 @@ def test_fio_randwrite_verify(ferryd_any, tmp_path):
     p = run(["fio", "--name=verify", "--ioengine=nbd", f"--uri={ferryd_any.uri('fio')}",
              "--rw=randwrite", "--bs=4k", "--iodepth=16", "--numjobs=4",
              "--size=16M", "--offset_increment=16M", "--verify=crc32c", "--do_verify=1",
-             "--verify_fatal=1", "--group_reporting", "--output-format=json"], timeout=600)
+             "--verify_fatal=1", "--group_reporting", "--output-format=json"],
+            timeout=600, cwd=tmp_path)   # fio leaves verify state files in its cwd
     js = json.loads(p.stdout[p.stdout.index("{"):])
     job = js["jobs"][0]
     assert job["error"] == 0, job
