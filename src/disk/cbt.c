@@ -4,23 +4,45 @@
  * Durability bookkeeping.  Commits are numbered.  `open_seq` is the number of
  * the commit that will carry changes made now; `durable_seq` is the last
  * commit whose pages are on disk and synced (commits complete in order, so
- * every commit <= durable_seq is durable).  Each bit page p has page_seq[p]:
- * the commit that carries its latest change.  A range whose bits are all set
- * needs no wait iff every page it touches has page_seq <= durable_seq.
+ * every commit <= durable_seq is durable).
  *
- * Memory ordering of the lock-free fast path: a marker stores page_seq[p]
- * (release) BEFORE it sets the page's bits (seq_cst fetch_or), and the fast
- * path loads the bits with acquire before page_seq.  So whoever sees a bit
- * set also sees the commit that will persist it, never an older one: a writer
- * whose bits were set by someone else still waits for that commit.
+ * Two levels (cbt.h: persist coarse, track exact).  `map` is the exact map.
+ * `nbhd` has one bit per persist neighbourhood (CBT_PERSIST_SPAN regions):
+ * set, under `lock`, when a first write reaches the neighbourhood; from then
+ * on every page the committer writes carries all the neighbourhood's bits.
+ * It is cleared only by sync and swap, which exclude writers and write a map
+ * without them.  nbhd_seq[w] is the commit carrying the latest neighbourhood
+ * set in nbhd word w (64 neighbourhoods).  A region is durable in the file
+ * when either
+ *   (a) its neighbourhood's nbhd bit is set and nbhd_seq[its word] <=
+ *       durable_seq, or
+ *   (b) its exact bit is set and its nbhd bit is clear: an exact bit outside
+ *       a persisted neighbourhood was loaded from the file at open or written
+ *       by the last full write (sync), because a mark that sets a new bit
+ *       persists the neighbourhood first (or is refused in fail mode).
+ * Bit pages changed since the last batch are in `pending`.
+ *
+ * Memory ordering of the lock-free fast path: the slow path stores
+ * nbhd_seq[w] (release) BEFORE it sets the nbhd bit (seq_cst fetch_or), and
+ * sets the nbhd bit before the exact bits.  The fast path loads the exact
+ * bits (acquire), then the nbhd bit (acquire), then nbhd_seq.  So whoever
+ * sees an exact bit set by a slow path also sees its nbhd bit (no false (b)),
+ * and whoever sees an nbhd bit also sees the commit that will persist it,
+ * never an older one: a writer whose neighbourhood was persisted by someone
+ * else still waits for that commit.  Durability is tracked per nbhd word,
+ * not per bit page (32704 regions, 2 GiB at 64 KiB), so a write to a durable
+ * neighbourhood does not wait for an unrelated commit on the same page.
  *
  * Thread model.
  *   swap_lock  writer-preferring rwlock: shared by writers from before their
  *              mark to after their data write; exclusive in cbt_swap.
  *   lock       guards open_seq, the pending page set, `committing`, `stop`,
- *              fail mode and the generation; bits are set only under it (the
- *              slow path), so the committer's snapshot of a page after taking
- *              a batch contains every mark numbered with that batch.
+ *              `hdr_coarse`, fail mode and the generation; nbhd bits are set
+ *              only under it (the slow path), so the committer's build of a
+ *              page after taking a batch contains every neighbourhood
+ *              numbered with that batch.  Exact bits are set under it too
+ *              (slow path) or lock-free inside persisted neighbourhoods,
+ *              which the page carries whole anyway.
  *   committing whoever writes the map file (the committer thread, a full
  *              rewrite in cbt_sync, cbt_swap) sets it under `lock` first, so
  *              file writes never overlap and c->fd is stable while set.
@@ -44,6 +66,11 @@
 #define PAGE_WORDS ((CBT_PAGE_SIZE - 8) / 8)   /* 511 u64 words of bits per page */
 #define HDR_CSUM_OFF 56
 #define IO_PAGES 64                            /* pages per write/read call */
+#define SPAN CBT_PERSIST_SPAN
+#define NB_PER_WORD (64 / SPAN)                /* neighbourhoods per word of the map */
+
+_Static_assert((SPAN & (SPAN - 1)) == 0 && SPAN >= 1 && SPAN <= 64 && CBT_PAGE_BITS % SPAN == 0,
+               "CBT_PERSIST_SPAN: a power of two <= 64 dividing CBT_PAGE_BITS");
 
 static const char fail_state[] =
   "failed: the map file cannot be written (see the log); writes to clean regions fail";
@@ -53,9 +80,11 @@ struct cbt {
   uint64_t disk_size, granularity, nbits, npages;
   unsigned shift;                      /* log2(granularity) */
 
-  struct bitmap map;                   /* live map */
-  _Atomic uint64_t *page_seq;          /* [npages] commit carrying the latest change */
+  struct bitmap map;                   /* live map: exact */
+  struct bitmap nbhd;                  /* [nnb] persisted neighbourhoods */
+  _Atomic uint64_t *nbhd_seq;          /* [nbhd.nwords] commit carrying the latest nbhd set */
   _Atomic uint64_t durable_seq;        /* last durable commit */
+  _Atomic uint64_t ncommits;           /* committer batches written (cbt_commit_count) */
   _Atomic uint64_t nset;               /* bits set in map */
   _Atomic bool failed;                 /* fail mode */
   _Atomic int inject_err;              /* test hook: map writes fail with it */
@@ -74,6 +103,7 @@ struct cbt {
   unsigned want_file;                  /* sync/close waiting for the file: committer yields */
   bool stop;
   uint64_t full_seq;                   /* commit of the last full write (0: none) */
+  bool hdr_coarse;                     /* the header on disk has CBT_FLAG_COARSE */
 
   int fd;                              /* the map file; used only while committing */
   uint64_t *batch;                     /* [npages] the committer's page list */
@@ -105,15 +135,38 @@ static void header_build(const struct cbt *c, uint64_t generation, uint64_t flag
   put64(buf + HDR_CSUM_OFF, XXH64(buf, HDR_CSUM_OFF, 0));
 }
 
-/* Bit page p (file page p + 1) from bm, or all clear when bm is NULL. */
-static void page_build(const struct cbt *c, const struct bitmap *bm, uint64_t p,
-                       unsigned char *buf)
+/* The bits of word wi of the region map that persisted neighbourhoods cover
+ * (bits past nbits included: the caller masks them). */
+static uint64_t nbhd_word(const struct bitmap *nb, uint64_t wi)
 {
-  uint64_t w0 = p * PAGE_WORDS;
+  uint64_t n0 = wi * NB_PER_WORD;   /* NB_PER_WORD whole neighbourhoods, one nbhd word */
+  uint64_t bits = atomic_load_explicit(&nb->words[n0 >> 6], memory_order_relaxed) >> (n0 & 63);
+  if (NB_PER_WORD < 64)
+    bits &= (UINT64_C(1) << (NB_PER_WORD % 64)) - 1;
+  const uint64_t span_mask = SPAN == 64 ? UINT64_MAX : (UINT64_C(1) << (SPAN % 64)) - 1;
+  uint64_t out = 0;
+  for (unsigned k = 0; bits; k++, bits >>= 1)
+    if (bits & 1)
+      out |= span_mask << (k * SPAN % 64);
+  return out;
+}
+
+/* Bit page p (file page p + 1): the bits of bm (NULL: none) OR, when nb is
+ * given, every region of the neighbourhoods set in nb. */
+static void page_build(const struct cbt *c, const struct bitmap *bm, const struct bitmap *nb,
+                       uint64_t p, unsigned char *buf)
+{
+  uint64_t w0 = p * PAGE_WORDS, nwords = DIV_ROUND_UP(c->nbits, 64);
   for (uint64_t i = 0; i < PAGE_WORDS; i++) {
-    uint64_t w = 0;
-    if (bm && w0 + i < bm->nwords)
-      w = atomic_load_explicit(&bm->words[w0 + i], memory_order_relaxed);
+    uint64_t w = 0, wi = w0 + i;
+    if (wi < nwords) {
+      if (bm)
+        w = atomic_load_explicit(&bm->words[wi], memory_order_relaxed);
+      if (nb)
+        w |= nbhd_word(nb, wi);
+      if (wi == nwords - 1 && (c->nbits & 63))
+        w &= (UINT64_C(1) << (c->nbits & 63)) - 1;   /* bits past nbits stay zero */
+    }
     put64(buf + i * 8, w);
   }
   put64(buf + PAGE_WORDS * 8, XXH64(buf, PAGE_WORDS * 8, p + 1));
@@ -146,19 +199,32 @@ static int map_sync(struct cbt *c, int fd)
   return 0;
 }
 
-/* Writes the header and every bit page of bm (NULL: clean) to fd. */
-static int write_whole(struct cbt *c, int fd, uint64_t generation, uint64_t flags,
-                       const struct bitmap *bm)
+/* Writes the header (generation, flags) and syncs it. */
+static int write_header(struct cbt *c, int fd, uint64_t generation, uint64_t flags)
 {
   header_build(c, generation, flags, c->iobuf);
   int r = map_pwrite(c, fd, c->iobuf, CBT_PAGE_SIZE, 0);
+  return r ? r : map_sync(c, fd);
+}
+
+/* Writes every bit page of bm (NULL: clean), exact bits only, then the
+ * header with flags 0 (exact), to fd.  in_place: fd is the live map file,
+ * whose header may say CBT_FLAG_COARSE; the pages are synced before the
+ * header is written, so no crash can leave a header that calls the old
+ * coarse pages exact. */
+static int write_whole(struct cbt *c, int fd, uint64_t generation, const struct bitmap *bm,
+                       bool in_place)
+{
+  int r = 0;
   for (uint64_t p = 0; r == 0 && p < c->npages; p += IO_PAGES) {
     uint64_t n = MIN((uint64_t)IO_PAGES, c->npages - p);
     for (uint64_t i = 0; i < n; i++)
-      page_build(c, bm, p + i, c->iobuf + i * CBT_PAGE_SIZE);
+      page_build(c, bm, NULL, p + i, c->iobuf + i * CBT_PAGE_SIZE);
     r = map_pwrite(c, fd, c->iobuf, n * CBT_PAGE_SIZE, (p + 1) * CBT_PAGE_SIZE);
   }
-  return r ? r : map_sync(c, fd);
+  if (r == 0 && in_place)
+    r = map_sync(c, fd);
+  return r ? r : write_header(c, fd, generation, 0);
 }
 
 /* Writes a complete map to path.tmp, syncs it, renames it over path and syncs
@@ -169,7 +235,7 @@ static int write_new_file(struct cbt *c, uint64_t generation, const struct bitma
   int fd = open(c->tmp_path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0)
     return -errno;
-  int r = write_whole(c, fd, generation, 0, bm);
+  int r = write_whole(c, fd, generation, bm, false);
   if (r == 0)
     r = fsync(fd) < 0 ? -errno : 0;       /* size and metadata too, before the rename */
   if (r == 0)
@@ -187,7 +253,8 @@ static int write_new_file(struct cbt *c, uint64_t generation, const struct bitma
   return 0;
 }
 
-/* Writes the listed bit pages (sorted) from the live map, then one fdatasync. */
+/* Writes the listed bit pages (sorted): the exact map OR the persisted
+ * neighbourhoods, then one fdatasync. */
 static int write_pages(struct cbt *c, const uint64_t *pages, uint64_t n)
 {
   uint64_t i = 0;
@@ -196,7 +263,7 @@ static int write_pages(struct cbt *c, const uint64_t *pages, uint64_t n)
     while (i + run < n && run < IO_PAGES && pages[i + run] == pages[i] + run)
       run++;
     for (uint64_t k = 0; k < run; k++)
-      page_build(c, &c->map, pages[i + k], c->iobuf + k * CBT_PAGE_SIZE);
+      page_build(c, &c->map, &c->nbhd, pages[i + k], c->iobuf + k * CBT_PAGE_SIZE);
     int r = map_pwrite(c, c->fd, c->iobuf, run * CBT_PAGE_SIZE, (pages[i] + 1) * CBT_PAGE_SIZE);
     if (r < 0)
       return r;
@@ -277,19 +344,30 @@ static void *committer_main(void *arg)
     }
     c->npending = 0;
     bool failed = atomic_load(&c->failed);
+    bool need_hdr = !c->hdr_coarse;
+    uint64_t gen = atomic_load(&c->generation);
     c->committing = true;
     pthread_mutex_unlock(&c->lock);
 
     /* In fail mode nothing is written: the waiters learn -EIO, and the next
-     * full rewrite (sync, swap) carries these pages. */
-    int r = failed ? 0 : write_pages(c, c->batch, n);
+     * full rewrite (sync, swap) carries these pages.  The first pages with
+     * coarse bits after an exact map need the header to say so first, and
+     * durably: a crash must never find coarse pages under an exact header. */
+    int r = 0;
+    if (!failed && need_hdr)
+      r = write_header(c, c->fd, gen, CBT_FLAG_COARSE);
+    if (!failed && r == 0)
+      r = write_pages(c, c->batch, n);
 
     pthread_mutex_lock(&c->lock);
     c->committing = false;
-    if (r < 0)
+    if (r < 0) {
       fail_enter_locked(c, "write", r);
-    else if (!failed)
+    } else if (!failed) {
+      c->hdr_coarse = true;
+      atomic_fetch_add_explicit(&c->ncommits, 1, memory_order_relaxed);
       atomic_store_explicit(&c->durable_seq, seq, memory_order_release);
+    }
     pthread_cond_broadcast(&c->done);
   }
   pthread_mutex_unlock(&c->lock);
@@ -325,16 +403,39 @@ static uint64_t range_set(struct bitmap *b, uint64_t first, uint64_t last)
   return newly;
 }
 
-/* The largest page_seq above durable among the pages of [first, last]. */
-static uint64_t pages_ticket(struct cbt *c, uint64_t first, uint64_t last, uint64_t durable)
+/* Can [first, last] be marked without persisting a neighbourhood?  True if
+ * each neighbourhood it touches is persisted, or holds only exact bits that
+ * are already set (durable: see the file comment); then *ticket is the
+ * commit to wait for (0: none) and *all_exact says whether every exact bit
+ * is set already.  Load order (exact, nbhd, nbhd_seq): see the file comment. */
+static bool range_covered(struct cbt *c, uint64_t first, uint64_t last, uint64_t durable,
+                          uint64_t *ticket, bool *all_exact)
 {
-  uint64_t ticket = 0;
-  for (uint64_t p = first / CBT_PAGE_BITS; p <= last / CBT_PAGE_BITS; p++) {
-    uint64_t s = atomic_load_explicit(&c->page_seq[p], memory_order_acquire);
-    if (s > durable && s > ticket)
-      ticket = s;
+  uint64_t t = 0;
+  bool all = true;
+  for (uint64_t n = first / SPAN; n <= last / SPAN; n++) {
+    uint64_t lo = MAX(first, n * SPAN), hi = MIN(last, n * SPAN + SPAN - 1);
+    bool exact = range_all_set(&c->map, lo, hi);
+    if (bitmap_test(&c->nbhd, n)) {
+      uint64_t s = atomic_load_explicit(&c->nbhd_seq[n >> 6], memory_order_acquire);
+      if (s > durable && s > t)
+        t = s;
+    } else if (!exact) {
+      return false;
+    }
+    all &= exact;
   }
-  return ticket;
+  *ticket = t;
+  *all_exact = all;
+  return true;
+}
+
+/* Sets the exact bits of [first, last] (covered: no file change needed). */
+static void set_exact(struct cbt *c, uint64_t first, uint64_t last)
+{
+  uint64_t newly = range_set(&c->map, first, last);
+  if (newly)
+    atomic_fetch_add_explicit(&c->nset, newly, memory_order_relaxed);
 }
 
 uint64_t cbt_mark(struct cbt *c, uint64_t off, uint64_t len)
@@ -344,37 +445,52 @@ uint64_t cbt_mark(struct cbt *c, uint64_t off, uint64_t len)
   uint64_t first = off >> c->shift;
   uint64_t last = MIN((off + len - 1) >> c->shift, c->nbits - 1);
 
-  /* Fast path: atomic loads only. */
+  /* Fast path: atomic loads, and an OR for exact bits not yet set. */
+  uint64_t ticket = 0;
+  bool all = false;
   uint64_t durable = atomic_load_explicit(&c->durable_seq, memory_order_acquire);
-  if (range_all_set(&c->map, first, last))
-    return pages_ticket(c, first, last, durable);
+  if (range_covered(c, first, last, durable, &ticket, &all)) {
+    if (!all)
+      set_exact(c, first, last);
+    return ticket;
+  }
 
   pthread_mutex_lock(&c->lock);
-  if (atomic_load(&c->failed) && !range_all_set(&c->map, first, last)) {
+  durable = atomic_load_explicit(&c->durable_seq, memory_order_acquire);
+  if (range_covered(c, first, last, durable, &ticket, &all)) {   /* persisted meanwhile */
+    if (!all)
+      set_exact(c, first, last);
+    pthread_mutex_unlock(&c->lock);
+    return ticket;
+  }
+  if (atomic_load(&c->failed)) {
     pthread_mutex_unlock(&c->lock);
     return CBT_TICKET_FAILED;
   }
-  durable = atomic_load_explicit(&c->durable_seq, memory_order_acquire);
-  uint64_t seq = c->open_seq, ticket = 0, newly = 0;
-  for (uint64_t p = first / CBT_PAGE_BITS; p <= last / CBT_PAGE_BITS; p++) {
-    uint64_t lo = MAX(first, p * CBT_PAGE_BITS);
-    uint64_t hi = MIN(last, p * CBT_PAGE_BITS + CBT_PAGE_BITS - 1);
-    if (range_all_set(&c->map, lo, hi)) {
-      uint64_t s = atomic_load_explicit(&c->page_seq[p], memory_order_acquire);
+  /* Persist every neighbourhood that needs it: nbhd_seq, then the nbhd bit,
+   * then (below) the exact bits. */
+  uint64_t seq = c->open_seq;
+  ticket = 0;
+  for (uint64_t n = first / SPAN; n <= last / SPAN; n++) {
+    if (bitmap_test(&c->nbhd, n)) {
+      uint64_t s = atomic_load_explicit(&c->nbhd_seq[n >> 6], memory_order_acquire);
       if (s > durable && s > ticket)
         ticket = s;
       continue;
     }
-    atomic_store_explicit(&c->page_seq[p], seq, memory_order_release);  /* before the bits */
-    newly += range_set(&c->map, lo, hi);
+    uint64_t lo = MAX(first, n * SPAN), hi = MIN(last, n * SPAN + SPAN - 1);
+    if (range_all_set(&c->map, lo, hi))
+      continue;                                  /* durable exact bits */
+    atomic_store_explicit(&c->nbhd_seq[n >> 6], seq, memory_order_release);
+    bitmap_set(&c->nbhd, n);
+    uint64_t p = n * SPAN / CBT_PAGE_BITS;       /* a neighbourhood is in one page */
     if (!bitmap_set(&c->pending, p))
       c->npending++;
     ticket = seq;
   }
-  if (newly) {
-    atomic_fetch_add_explicit(&c->nset, newly, memory_order_relaxed);
+  set_exact(c, first, last);
+  if (ticket == seq)
     pthread_cond_signal(&c->work);
-  }
   pthread_mutex_unlock(&c->lock);
   return ticket;
 }
@@ -410,6 +526,9 @@ void cbt_write_end(struct cbt *c) { pthread_rwlock_unlock(&c->swap_lock); }
 
 int cbt_sync(struct cbt *c)
 {
+  /* Writers excluded: the persisted neighbourhoods are dropped below, and a
+   * writer must not rely on one while the exact pages replace it. */
+  pthread_rwlock_wrlock(&c->swap_lock);
   pthread_mutex_lock(&c->lock);
   file_acquire_locked(c);
   /* A full write carries every mark made so far: it is commit `seq`. */
@@ -420,11 +539,16 @@ int cbt_sync(struct cbt *c)
   uint64_t gen = atomic_load(&c->generation);
   pthread_mutex_unlock(&c->lock);
 
-  /* In fail mode the old file may be gone or stale: a new one replaces it. */
-  int r = failed ? write_new_file(c, gen, &c->map) : write_whole(c, c->fd, gen, 0, &c->map);
+  /* In fail mode the old file may be gone or stale: a new one replaces it.
+   * Otherwise in place: exact pages, sync, then the header without
+   * CBT_FLAG_COARSE, sync. */
+  int r = failed ? write_new_file(c, gen, &c->map) : write_whole(c, c->fd, gen, &c->map, true);
 
   pthread_mutex_lock(&c->lock);
   if (r == 0) {
+    /* The file is exact now: no neighbourhood is persisted beyond it. */
+    bitmap_clear_all(&c->nbhd);
+    c->hdr_coarse = false;
     atomic_store_explicit(&c->durable_seq, seq, memory_order_release);
     c->full_seq = seq;
     fail_leave_locked(c);
@@ -433,6 +557,7 @@ int cbt_sync(struct cbt *c)
   }
   file_release_locked(c);
   pthread_mutex_unlock(&c->lock);
+  pthread_rwlock_unlock(&c->swap_lock);
   return r;
 }
 
@@ -466,8 +591,11 @@ int cbt_swap(struct cbt *c, struct bitmap *out, uint64_t *new_generation)
 
   int r = write_new_file(c, gen, NULL);
   if (r == 0) {
+    /* Writers are excluded: every write done so far is in `out`; every later
+     * one finds both levels clear and persists its neighbourhood anew. */
     bitmap_copy(out, &c->map);
     bitmap_clear_all(&c->map);
+    bitmap_clear_all(&c->nbhd);
     atomic_store(&c->nset, 0);
     atomic_store(&c->generation, gen);
     if (new_generation)
@@ -481,6 +609,7 @@ int cbt_swap(struct cbt *c, struct bitmap *out, uint64_t *new_generation)
   if (r == 0) {
     /* Every mark made before the swap is in `out`; the file is clean and
      * durable: all tickets issued so far are settled. */
+    c->hdr_coarse = false;
     atomic_store_explicit(&c->durable_seq, seq, memory_order_release);
     fail_leave_locked(c);
   }
@@ -500,7 +629,8 @@ static void cbt_free(struct cbt *c)
     close(c->fd);
   bitmap_free(&c->map);
   bitmap_free(&c->pending);
-  free(c->page_seq);
+  bitmap_free(&c->nbhd);
+  free(c->nbhd_seq);
   free(c->batch);
   free(c->iobuf);
   free(c->path);
@@ -543,11 +673,12 @@ static struct cbt *cbt_alloc(const char *path, const char *disk_name, uint64_t d
     cbt_free(c);
     return NULL;
   }
-  c->page_seq = calloc(MAX(c->npages, 1), sizeof *c->page_seq);
   c->batch = calloc(MAX(c->npages, 1), sizeof *c->batch);
   c->iobuf = malloc((size_t)IO_PAGES * CBT_PAGE_SIZE);
-  if (!c->page_seq || !c->batch || !c->iobuf || bitmap_init(&c->map, c->nbits) < 0 ||
-      bitmap_init(&c->pending, c->npages) < 0) {
+  if (!c->batch || !c->iobuf || bitmap_init(&c->map, c->nbits) < 0 ||
+      bitmap_init(&c->pending, c->npages) < 0 ||
+      bitmap_init(&c->nbhd, DIV_ROUND_UP(c->nbits, SPAN)) < 0 ||
+      !(c->nbhd_seq = calloc(MAX(c->nbhd.nwords, 1), sizeof *c->nbhd_seq))) {
     cbt_free(c);
     return NULL;
   }
@@ -567,8 +698,23 @@ enum load_result {
   LOAD_REPLACE,     /* file refused as a whole: write a new one */
 };
 
-static enum load_result load_file(struct cbt *c, int fd, char *why, size_t whylen)
+/* Formats a power-of-two byte count ("2 MiB"). */
+static void fmt_size(char *buf, size_t len, uint64_t bytes)
 {
+  static const char *const units[] = { "bytes", "KiB", "MiB", "GiB", "TiB" };
+  unsigned u = 0;
+  while (u + 1 < ARRAY_SIZE(units) && bytes >= 1024 && bytes % 1024 == 0) {
+    bytes /= 1024;
+    u++;
+  }
+  snprintf(buf, len, "%llu %s", (unsigned long long)bytes, units[u]);
+}
+
+/* Loads the map file into c->map.  *coarse: the header has CBT_FLAG_COARSE
+ * (not closed cleanly; only meaningful with LOAD_OK or LOAD_REWRITE). */
+static enum load_result load_file(struct cbt *c, int fd, bool *coarse, char *why, size_t whylen)
+{
+  *coarse = false;
   struct stat st;
   if (fstat(fd, &st) < 0) {
     snprintf(why, whylen, "cannot stat the map file: %s", strerror(errno));
@@ -615,9 +761,10 @@ static enum load_result load_file(struct cbt *c, int fd, char *why, size_t whyle
              (unsigned long long)size, (unsigned long long)c->disk_size);
   } else if (flags & CBT_FLAG_UNTRACKED) {
     snprintf(why, whylen, "the disk was served with change tracking off");
-  } else if (flags) {
+  } else if (flags & ~(uint64_t)CBT_FLAG_COARSE) {
     snprintf(why, whylen, "unknown map flags %#llx", (unsigned long long)flags);
   } else {
+    *coarse = (flags & CBT_FLAG_COARSE) != 0;
     goto pages;
   }
   set_all_dirty(c);
@@ -694,6 +841,7 @@ struct cbt *cbt_open_ex(const char *path, const char *disk_name, uint64_t disk_s
   }
 
   char why[256] = "";
+  bool coarse = false;
   enum load_result lr = LOAD_REPLACE;
   if (flags & CBT_OPEN_NEW) {
     snprintf(c->state, sizeof c->state, "created");
@@ -707,13 +855,24 @@ struct cbt *cbt_open_ex(const char *path, const char *disk_name, uint64_t disk_s
       set_all_dirty(c);
     } else {
       c->fd = fd;
-      lr = load_file(c, fd, why, sizeof why);
+      lr = load_file(c, fd, &coarse, why, sizeof why);
     }
   }
+  /* Not closed cleanly: the bits are a superset, exact to the neighbourhood;
+   * they are the exact map from now on (over-reporting is safe). */
+  char precision[32] = "";
+  if (coarse) {
+    fmt_size(precision, sizeof precision, (uint64_t)SPAN * granularity);
+    char rest[256];
+    snprintf(rest, sizeof rest, "%s", why);
+    snprintf(why, sizeof why, "unclean shutdown; regions marked at %s precision%s%.170s",
+             precision, rest[0] ? "; " : "", rest);
+  }
+  c->hdr_coarse = coarse && lr == LOAD_OK;   /* a rewrite below is exact */
 
   int r = 0;
   if (lr == LOAD_REWRITE) {
-    r = write_whole(c, c->fd, atomic_load(&c->generation), 0, &c->map);
+    r = write_whole(c, c->fd, atomic_load(&c->generation), &c->map, true);
     if (r < 0)
       lr = LOAD_REPLACE;   /* in place failed: try a new file */
   }
@@ -725,11 +884,25 @@ struct cbt *cbt_open_ex(const char *path, const char *disk_name, uint64_t disk_s
     return NULL;
   }
 
+  /* The file holds every neighbourhood whose bits are all set: those count
+   * as persisted (a partly set one does not: its other regions are not in
+   * the file). */
+  for (uint64_t n = 0; n < c->nbhd.nbits; n++) {
+    if (range_all_set(&c->map, n * SPAN, MIN(n * SPAN + SPAN, c->nbits) - 1))
+      bitmap_set(&c->nbhd, n);
+  }
+
   if (why[0]) {
     snprintf(c->state, sizeof c->state, "recovered: %s", why);
-    log_warn(disk_name, "cbt: map %s refused in part or whole: %s; those regions are marked "
-             "dirty (%llu of %llu)", path, why, (unsigned long long)atomic_load(&c->nset),
-             (unsigned long long)c->nbits);
+    if (coarse && lr == LOAD_OK)
+      log_warn(disk_name, "cbt: map %s was not closed cleanly (ferryd killed or crashed): its "
+               "regions are marked at %s precision around each write (%llu of %llu dirty)",
+               path, precision, (unsigned long long)atomic_load(&c->nset),
+               (unsigned long long)c->nbits);
+    else
+      log_warn(disk_name, "cbt: map %s refused in part or whole: %s; those regions are marked "
+               "dirty (%llu of %llu)", path, why, (unsigned long long)atomic_load(&c->nset),
+               (unsigned long long)c->nbits);
   } else if (!(flags & CBT_OPEN_NEW)) {
     snprintf(c->state, sizeof c->state, "ok");
   }
@@ -807,5 +980,6 @@ uint64_t cbt_generation(const struct cbt *c) { return atomic_load(&c->generation
 const char *cbt_state(const struct cbt *c) { return atomic_load(&c->state_ptr); }
 const struct bitmap *cbt_bitmap(const struct cbt *c) { return &c->map; }
 uint64_t cbt_dirty_count(const struct cbt *c) { return atomic_load_explicit(&c->nset, memory_order_relaxed); }
+uint64_t cbt_commit_count(const struct cbt *c) { return atomic_load(&c->ncommits); }
 bool cbt_failed(const struct cbt *c) { return atomic_load(&c->failed); }
 void cbt_inject_write_error(struct cbt *c, int err) { atomic_store(&c->inject_err, err); }

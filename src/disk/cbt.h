@@ -1,28 +1,60 @@
 /* cbt: crash-safe changed-block tracking for one disk.
  *
- * DESIGN
+ * DESIGN: persist coarse, track exact.
  * The disk is cut into regions of `granularity` bytes; a region's bit is set
  * when it has been written (or trimmed, or zeroed) since the map was last
- * swapped for a clean one.  The map lives in memory (an atomic bitmap) and in
- * a map file that is always a SUPERSET of the in-memory map as far as
- * acknowledged writes are concerned:
+ * swapped for a clean one.  Two levels:
  *
- *   cbt_mark()  sets the bits of a range.  If every bit was already set and
- *               already durable it returns a ticket of 0 and the write goes on
- *               at full speed.  Otherwise it returns a ticket (a commit
- *               sequence number) that must be waited for with cbt_wait()
- *               before the write is acknowledged.
+ *   exact map   in memory (an atomic bitmap): exactly the regions written.
+ *               It is what the API, snapshot, swap and NBD ferry:dirty report.
+ *   map file    only needs to be a SUPERSET of the acknowledged writes.  Its
+ *               unit of durability is the persist neighbourhood: the
+ *               CBT_PERSIST_SPAN aligned regions around a region.  The first
+ *               write to a neighbourhood sets ALL of its bits in the page the
+ *               committer writes (the exact map keeps just the written
+ *               region) and waits for that commit; once the neighbourhood is
+ *               durable, writes anywhere in it set their exact bit (one
+ *               atomic OR) and go on without a ticket.  So a random-write
+ *               workload costs one map sync per neighbourhood instead of one
+ *               per region.
+ *
+ *   cbt_mark()  sets the bits of a range.  If every neighbourhood it touches
+ *               is durable (or its exact bits were already durable) it
+ *               returns a ticket of 0 and the write goes on at full speed
+ *               (atomic loads, plus an OR for bits not set yet).  Otherwise
+ *               it returns a ticket (a commit sequence number) that must be
+ *               waited for with cbt_wait() before the write is acknowledged.
  *   committer   a thread per map: takes every page changed since the last
- *               commit, writes those pages (each with its own checksum) and
+ *               commit, writes those pages (exact bits OR the bits of every
+ *               persisted neighbourhood, each page with its own checksum) and
  *               fdatasyncs the file once for the whole batch, then wakes the
- *               waiters.  Concurrent writes to clean regions share one sync,
- *               as dm-era and dm-clone batch their metadata commits.
+ *               waiters.  Concurrent first writes share one sync, as dm-era
+ *               and dm-clone batch their metadata commits.  Before the first
+ *               such page after a clean (exact) map write it sets
+ *               CBT_FLAG_COARSE in the header and syncs that on its own.
+ *   cbt_sync()  (clean shutdown; cbt_close) excludes writers, rewrites every
+ *               page in place with the EXACT bits only, fdatasyncs, then
+ *               writes the header with CBT_FLAG_COARSE clear and fdatasyncs
+ *               again; the persisted neighbourhoods are forgotten (the file
+ *               no longer holds them), so the next first write to a region
+ *               not in the exact map commits again.
  *   cbt_swap()  excludes writers (cbt_write_begin/end is a shared lock that
  *               every writer holds from before its mark to after its data is
- *               written), copies the map out, clears it, and writes a clean
- *               map file (temp file + fsync + rename + dir fsync) before it
- *               lets writers go on.  A crash in the middle leaves the old
- *               superset map.
+ *               written), copies the exact map out, clears it and the
+ *               persisted neighbourhoods, and writes a clean map file (temp
+ *               file + fsync + rename + dir fsync) before it lets writers go
+ *               on.  A crash in the middle leaves the old superset map.  A
+ *               write that completed before the swap held the shared lock
+ *               before it, so its exact bit is in the map copied out; a write
+ *               after it finds both levels clear, so it marks the new map and
+ *               re-persists its neighbourhood in the new file.
+ *
+ * At open, a header without CBT_FLAG_COARSE means the last writer closed the
+ * map cleanly: the bits are exact (state "ok").  With the flag, ferryd
+ * stopped without a clean close (kill -9, crash, power loss): the bits are a
+ * superset, exact to the neighbourhood; they are taken as the exact map
+ * (over-reporting is safe; under-reporting never happens) and the state says
+ * "recovered: unclean shutdown; regions marked at <span> precision".
  *
  * ON DISK (little endian; see docs/formats.md)
  *   page 0: header: magic "FERRYCBT", version 1, granularity, disk size, nbits,
@@ -30,8 +62,16 @@
  *           Byte offsets: 0 magic[8], 8 u32 version, 12 u32 page size (4096),
  *           16 u64 granularity, 24 u64 disk size, 32 u64 nbits, 40 u64
  *           generation, 48 u64 flags, 56 u64 XXH64(bytes 0..55, seed 0);
- *           the rest of the page is zero.  Flag 1 (CBT_FLAG_UNTRACKED): the
- *           disk was served with CBT off since this map was written.
+ *           the rest of the page is zero.  Flags:
+ *             1 CBT_FLAG_UNTRACKED: the disk was served with CBT off since
+ *               this map was written (the map is refused: all dirty).
+ *             2 CBT_FLAG_COARSE: the bit pages may hold whole persist
+ *               neighbourhoods beyond the regions written (set, durably,
+ *               before the first such page is written; cleared by a clean
+ *               close after the exact pages are durable).  Clear: the bits
+ *               are exact.  (Files written before this flag existed never
+ *               had coarse bits, so flags 0 still means exact.)
+ *           Any other flag refuses the map.
  *   page k>=1: 4096 bytes: 4088 bytes of bits (32704 regions) + xxh64 of
  *           those bytes seeded with the page number.  Page k holds regions
  *           [(k-1) * 32704, k * 32704) as 511 little-endian u64 words, bit i
@@ -60,6 +100,18 @@
 #define CBT_PAGE_BITS    ((CBT_PAGE_SIZE - 8) * 8)   /* 32704 regions per page */
 #define CBT_DEFAULT_GRANULARITY (64 * 1024)
 #define CBT_FLAG_UNTRACKED 1u
+#define CBT_FLAG_COARSE    2u
+
+/* The persist neighbourhood, in regions: the map file is made durable in
+ * aligned runs of this many regions (2 MiB at the default 64 KiB, 128 KiB at
+ * 4 KiB).  A first write anywhere in a neighbourhood costs one commit (page
+ * write + fdatasync, shared with concurrent ones); the other regions of the
+ * neighbourhood then need none.  32 keeps a random-write workload at one sync
+ * per 2 MiB (a 2 GiB disk: 1024 syncs instead of 32768) while a map that was
+ * not closed cleanly over-reports by at most 2 MiB around each write.  It
+ * must be a power of two <= 64 that divides CBT_PAGE_BITS (32704 = 64 * 511),
+ * so that a neighbourhood never straddles a u64 word or a bit page. */
+#define CBT_PERSIST_SPAN 32
 
 struct cbt;
 
@@ -81,8 +133,8 @@ struct cbt *cbt_open_ex(const char *path, const char *disk_name, uint64_t disk_s
  * tracking off").  Absent or unreadable files need nothing (they are refused
  * anyway).  Returns 0 or -errno; on failure the caller must not serve writes. */
 int cbt_invalidate(const char *path, const char *disk_name);
-/* Writes every page and the header, fsyncs, frees (the write is skipped when
- * the last cbt_sync() already holds every mark). */
+/* Writes the exact map as cbt_sync() does, frees (the write is skipped when
+ * the last cbt_sync() already holds every mark).  No writer may be active. */
 void cbt_close(struct cbt *c);
 
 uint64_t cbt_granularity(const struct cbt *c);
@@ -114,15 +166,23 @@ bool cbt_ticket_done(struct cbt *c, uint64_t ticket);
 int cbt_snapshot(struct cbt *c, struct bitmap *out);
 int cbt_swap(struct cbt *c, struct bitmap *out, uint64_t *new_generation);
 
-/* Writes every page and fsyncs (clean shutdown). */
+/* Clean shutdown: excludes writers (as cbt_swap), rewrites every bit page
+ * with the exact map, fdatasyncs, then clears CBT_FLAG_COARSE in the header
+ * and fdatasyncs.  Writes may go on afterwards (the next first write to a
+ * region sets the flag again). */
 int cbt_sync(struct cbt *c);
 
 /* Bits set in the live map (kept as a counter: no scan). */
 uint64_t cbt_dirty_count(const struct cbt *c);
+/* Commits made by the committer thread since open: each is one batch of bit
+ * pages and one fdatasync (the first after a clean map write also writes and
+ * syncs the header flag first).  Full writes (sync, swap) are not counted. */
+uint64_t cbt_commit_count(const struct cbt *c);
 /* True once a map write failed (fail mode): marks that need a commit fail
  * until a cbt_sync() or cbt_swap() writes a new map file successfully.
- * Durability is kept per bit page, so in fail mode a region durable before
- * fails too when its page carries a change that could not be written. */
+ * Durability is kept per group of 64 neighbourhoods (one word of the
+ * persisted-neighbourhood bitmap), so in fail mode a region durable before
+ * fails too when its group carries a change that could not be written. */
 bool cbt_failed(const struct cbt *c);
 /* Fault injection for tests: every later write to the map file fails with
  * -err (0 turns it off). */

@@ -1,7 +1,10 @@
 /* test_cbt: the crash-safe dirty map.
  *   - marks persist exactly across a clean close; tickets and the fast path
+ *   - persist coarse: writes inside one persist neighbourhood cost one commit;
+ *     a sync drops the persisted neighbourhoods and makes the file exact
  *   - kill -9 (a forked child SIGKILLs itself while marking): every mark it
- *     had acknowledged is in the reopened map, and nothing it never marked
+ *     had acknowledged is in the reopened map, and nothing outside the persist
+ *     neighbourhoods of what it marked or was marking; "recovered: unclean"
  *   - a corrupt header: all dirty, "recovered: ..."; a flipped byte in one
  *     page: exactly that page's regions dirty; truncated file; mismatched
  *     granularity or size; a map flagged by cbt_invalidate; a missing map
@@ -38,6 +41,7 @@ static int failures;
 
 #define G 4096ull                    /* granularity used by most tests */
 #define PB ((uint64_t)CBT_PAGE_BITS)
+#define SP ((uint64_t)CBT_PERSIST_SPAN)  /* regions per persist neighbourhood */
 
 static char dir[256];
 
@@ -130,11 +134,19 @@ static void test_persist_exact(void)
     { 3 * PB * 64 * 1024 + 12000, 345 },     /* last, partial region */
     { 0, 1 },
   };
+  bool *nb_seen = calloc(DIV_ROUND_UP(nbits, SP), 1);
   for (size_t i = 0; i < ARRAY_SIZE(ios); i++) {
+    /* A ticket iff the write reaches a neighbourhood not persisted yet:
+     * (64K-1, 2) and (0, 1) stay inside the first write's. */
+    bool new_nb = false;
+    for (uint64_t n = ios[i].off / gran / SP; n <= (ios[i].off + ios[i].len - 1) / gran / SP; n++) {
+      new_nb |= !nb_seen[n];
+      nb_seen[n] = true;
+    }
     cbt_write_begin(c);
     uint64_t t = cbt_mark(c, ios[i].off, ios[i].len);
     cbt_write_end(c);
-    CHECK(t > 0 || i == ARRAY_SIZE(ios) - 1);   /* (0,1) repeats region 0 of the first */
+    CHECK((t > 0) == new_nb);
     CHECK(cbt_wait(c, t) == 0);
     CHECK(cbt_ticket_done(c, t));
     model_mark(model, nbits, ios[i].off, ios[i].len, gran);
@@ -144,7 +156,8 @@ static void test_persist_exact(void)
     CHECK(cbt_mark(c, ios[i].off, ios[i].len) == 0);
   CHECK(cbt_mark(c, 0, 0) == 0);
   CHECK(cbt_mark(c, size, 10) == 0);            /* beyond the end: nothing */
-  CHECK(map_equals(c, model));
+  CHECK(map_equals(c, model));                  /* exact, not coarse */
+  free(nb_seen);
   cbt_close(c);
 
   c = open_map(path, size, gran, 0);
@@ -200,6 +213,15 @@ struct crash_arg {
   _Atomic uint64_t *acks;
 };
 
+/* Records to the parent (each one atomic pipe write): kind 0 before a mark
+ * (it may be in flight at the kill), kind 1 once it is acknowledged. */
+static void crash_report(int fd, uint64_t kind, uint64_t region, uint64_t len)
+{
+  uint64_t rec[3] = { kind, region, len };
+  if (write(fd, rec, sizeof rec) != sizeof rec)
+    _exit(3);
+}
+
 static void *crash_marker(void *arg)
 {
   struct crash_arg *a = arg;
@@ -207,11 +229,10 @@ static void *crash_marker(void *arg)
   for (;;) {
     s = s * 1103515245u + 12345u;
     uint64_t region = ((uint64_t)(s >> 1) % (a->nbits / 2)) * 2;   /* even regions only */
-    uint64_t len = (s & 3) == 0 ? 3 * G : 1;                      /* some span 2 regions */
+    uint64_t len = (s & 3) == 0 ? 3 * G : 1;                      /* some span 3 regions */
+    crash_report(a->fd, 0, region, len);
     if (mark_wait(a->c, region * G, len) == 0) {
-      uint64_t rec[2] = { region, len };
-      if (write(a->fd, rec, sizeof rec) != sizeof rec)
-        _exit(3);
+      crash_report(a->fd, 1, region, len);
       if (atomic_fetch_add(a->acks, 1) + 1 == CRASH_ACKS)
         kill(getpid(), SIGKILL);   /* die mid-stream: other threads are marking */
     }
@@ -221,10 +242,11 @@ static void *crash_marker(void *arg)
 
 static void test_crash(void)
 {
-  printf("kill -9 while marking: every acknowledged mark is in the reopened map\n");
+  printf("kill -9 while marking: every acknowledged mark is in the reopened map, and\n"
+         "  nothing outside the neighbourhoods of the marks made or under way\n");
   char path[300];
   path_of(path, sizeof path, "crash.cbt");
-  const uint64_t nbits = 3 * PB + 1000;        /* 4 pages */
+  const uint64_t nbits = 23 * PB + 1000;       /* 24 pages: marked neighbourhoods stay sparse */
   struct cbt *c = open_map(path, nbits * G, G, CBT_OPEN_NEW);
   cbt_close(c);
 
@@ -251,11 +273,15 @@ static void test_crash(void)
   }
   close(p[1]);
   bool *acked = calloc(nbits, 1);
-  uint64_t rec[2], nacks = 0;
+  bool *touched_nb = calloc(DIV_ROUND_UP(nbits, SP), 1);   /* acked or in flight */
+  uint64_t rec[3], nacks = 0;
   while (read_full(p[0], rec, sizeof rec) == 0) {
-    for (uint64_t r = rec[0]; r <= (rec[0] * G + rec[1] - 1) / G && r < nbits; r++)
-      acked[r] = true;
-    nacks++;
+    for (uint64_t r = rec[1]; r <= (rec[1] * G + rec[2] - 1) / G && r < nbits; r++) {
+      if (rec[0] == 1)
+        acked[r] = true;
+      touched_nb[r / SP] = true;
+    }
+    nacks += rec[0] == 1;
   }
   close(p[0]);
   int status;
@@ -267,22 +293,38 @@ static void test_crash(void)
   c = open_map(path, nbits * G, G, 0);
   printf("  reopened: state \"%s\", %llu regions dirty\n", cbt_state(c),
          (unsigned long long)cbt_dirty_count(c));
-  /* Whole 4 KiB page writes cannot tear on a process kill: the map is intact. */
-  CHECK(strcmp(cbt_state(c), "ok") == 0);
-  uint64_t missing = 0, stray = 0;
+  /* Whole 4 KiB page writes cannot tear on a process kill: the map is intact,
+   * but it was not closed cleanly, so it is exact only to the neighbourhood. */
+  CHECK(starts_with(cbt_state(c), "recovered: unclean shutdown"));
+  CHECK(strstr(cbt_state(c), "checksum") == NULL);
+  uint64_t missing = 0, stray = 0, extra = 0;
   const struct bitmap *b = cbt_bitmap(c);
   for (uint64_t i = 0; i < nbits; i++) {
     if (acked[i] && !bitmap_test(b, i))
       missing++;
-    /* odd regions are only ever marked as the second region of a 3-region
-     * write that starts on an even one */
-    if (bitmap_test(b, i) && (i & 1) && !(i > 0 && bitmap_test(b, i - 1)))
-      stray++;
+    if (bitmap_test(b, i) && !acked[i]) {
+      extra++;
+      if (!touched_nb[i / SP])
+        stray++;      /* not in the neighbourhood of any mark made or under way */
+    }
   }
+  printf("  %llu regions beyond the acknowledged ones, %llu outside their neighbourhoods\n",
+         (unsigned long long)extra, (unsigned long long)stray);
   CHECK(missing == 0);
   CHECK(stray == 0);
+  bool *loaded = calloc(nbits, 1);
+  for (uint64_t i = 0; i < nbits; i++)
+    loaded[i] = bitmap_test(b, i);
   cbt_close(c);
+
+  /* The clean close wrote the map (what was loaded) as exact: "ok" again. */
+  c = open_map(path, nbits * G, G, 0);
+  CHECK(strcmp(cbt_state(c), "ok") == 0);
+  CHECK(map_equals(c, loaded));
+  cbt_close(c);
+  free(loaded);
   free(acked);
+  free(touched_nb);
 }
 
 static void test_corrupt_header(void)
@@ -555,14 +597,21 @@ static void test_swap_durable(void)
   CHECK(cbt_swap(c, &out, &gen) == 0 && gen == 1);
   CHECK(bitmap_count(&out) == DIV_ROUND_UP(nbits, 1000));
   bitmap_free(&out);
-  CHECK(mark_wait(c, 77 * G, 1) == 0);
-  /* What a daemon restarted now (no clean close) would load: */
+  /* What a daemon restarted now (no clean close) would load: the clean map,
+   * exact ("ok": no coarse page was written since the swap). */
   struct cbt *r = open_map(path, nbits * G, G, 0);
+  CHECK(strcmp(cbt_state(r), "ok") == 0);
+  CHECK(cbt_generation(r) == 1 && cbt_dirty_count(r) == 0);
+  cbt_close(r);
+  CHECK(mark_wait(c, 77 * G, 1) == 0);
+  /* And after a write: the new file holds 77's neighbourhood, no more. */
+  r = open_map(path, nbits * G, G, 0);
   printf("  as a restart sees it: state \"%s\", generation %llu, %llu dirty\n", cbt_state(r),
          (unsigned long long)cbt_generation(r), (unsigned long long)cbt_dirty_count(r));
-  CHECK(strcmp(cbt_state(r), "ok") == 0);
+  CHECK(starts_with(cbt_state(r), "recovered: unclean shutdown"));
   CHECK(cbt_generation(r) == 1);
-  CHECK(cbt_dirty_count(r) == 1 && bitmap_test(cbt_bitmap(r), 77));
+  CHECK(cbt_dirty_count(r) == SP && bitmap_test(cbt_bitmap(r), 77));
+  CHECK(bitmap_next(cbt_bitmap(r), 0, true) == 77 / SP * SP);
   cbt_close(r);
   cbt_close(c);
 }
@@ -573,12 +622,17 @@ static void test_fail_mode(void)
   char path[300];
   path_of(path, sizeof path, "fail.cbt");
   const uint64_t nbits = 2 * PB;
+  /* Regions: 1 (neighbourhood 0), PB + 1 (another nbhd word), R2 and R3 in
+   * neighbourhoods 1 and 2, not persisted yet, in the same nbhd word as 1. */
+  const uint64_t R2 = SP + 2, R3 = 2 * SP + 3;
   struct cbt *c = open_map(path, nbits * G, G, CBT_OPEN_NEW);
   CHECK(mark_wait(c, 1 * G, 1) == 0);
   CHECK(mark_wait(c, (PB + 1) * G, 1) == 0);
   cbt_inject_write_error(c, EIO);
+  CHECK(cbt_mark(c, 5 * G, 1) == 0);            /* neighbourhood 0 is durable: no commit */
+  CHECK(mark_wait(c, 1 * G, 1) == 0);
   cbt_write_begin(c);
-  uint64_t t = cbt_mark(c, 2 * G, 1);
+  uint64_t t = cbt_mark(c, R2 * G, 1);
   cbt_write_end(c);
   CHECK(t > 0 && t != CBT_TICKET_FAILED);
   CHECK(cbt_wait(c, t) == -EIO);
@@ -586,31 +640,32 @@ static void test_fail_mode(void)
   CHECK(starts_with(cbt_state(c), "failed"));
   struct stat st;
   CHECK(stat(path, &st) < 0 && errno == ENOENT);   /* a stale map is not left behind */
-  CHECK(cbt_mark(c, 3 * G, 1) == CBT_TICKET_FAILED);
+  CHECK(cbt_mark(c, R3 * G, 1) == CBT_TICKET_FAILED);
   CHECK(cbt_wait(c, CBT_TICKET_FAILED) == -EIO);
   CHECK(!cbt_ticket_done(c, CBT_TICKET_FAILED));
-  CHECK(cbt_mark(c, (PB + 1) * G, 1) == 0);        /* durable, on a page without a failed change */
-  /* Durability is kept per page: a region durable before, on the page whose
-   * commit failed, cannot be told apart from the failed ones. */
+  CHECK(cbt_mark(c, (PB + 1) * G, 1) == 0);        /* durable, in a group without a failed change */
+  /* Durability is kept per nbhd word (64 neighbourhoods): a region durable
+   * before, in the group whose commit failed, cannot be told apart from the
+   * failed ones. */
   CHECK(cbt_wait(c, cbt_mark(c, 1 * G, 1)) == -EIO);
-  CHECK(cbt_wait(c, cbt_mark(c, 2 * G, 1)) == -EIO);   /* set, never durable */
+  CHECK(cbt_wait(c, cbt_mark(c, R2 * G, 1)) == -EIO);  /* set, never durable */
   CHECK(cbt_sync(c) == -EIO);                       /* still failing */
   struct bitmap out;
   bitmap_init(&out, nbits);
   uint64_t gen = 0;
   CHECK(cbt_swap(c, &out, &gen) == -EIO);
-  CHECK(cbt_dirty_count(c) == 3);                   /* swap failed: map unchanged */
+  CHECK(cbt_dirty_count(c) == 4);                   /* swap failed: map unchanged (1, 5, PB+1, R2) */
 
   cbt_inject_write_error(c, 0);
   CHECK(cbt_sync(c) == 0);
   CHECK(!cbt_failed(c) && strcmp(cbt_state(c), "created") == 0);
   CHECK(stat(path, &st) == 0);
-  CHECK(mark_wait(c, 3 * G, 1) == 0);
+  CHECK(mark_wait(c, R3 * G, 1) == 0);
   cbt_close(c);
   c = open_map(path, nbits * G, G, 0);
   CHECK(strcmp(cbt_state(c), "ok") == 0);
-  CHECK(cbt_dirty_count(c) == 4);                   /* regions 1, PB+1, 2 (failed write), 3 */
-  CHECK(bitmap_test(cbt_bitmap(c), 2));
+  CHECK(cbt_dirty_count(c) == 5);                   /* regions 1, 5, PB+1, R2 (failed write), R3 */
+  CHECK(bitmap_test(cbt_bitmap(c), R2) && bitmap_test(cbt_bitmap(c), R3));
 
   printf("fail mode: a swap that writes a new map leaves it too\n");
   cbt_inject_write_error(c, ENOSPC);
@@ -618,7 +673,7 @@ static void test_fail_mode(void)
   CHECK(cbt_failed(c));
   cbt_inject_write_error(c, 0);
   CHECK(cbt_swap(c, &out, &gen) == 0 && gen == 1);
-  CHECK(bitmap_count(&out) == 5 && bitmap_test(&out, 500));
+  CHECK(bitmap_count(&out) == 6 && bitmap_test(&out, 500));
   CHECK(!cbt_failed(c) && cbt_dirty_count(c) == 0);
   CHECK(mark_wait(c, 600 * G, 1) == 0);
   bitmap_free(&out);
@@ -633,6 +688,95 @@ static void test_fail_mode(void)
   CHECK(starts_with(cbt_state(r), "recovered: ") && cbt_dirty_count(r) == nbits);
   cbt_close(r);
   cbt_close(c);   /* still failing: logs, writes nothing */
+}
+
+static void test_persist_coarse(void)
+{
+  printf("persist coarse: random writes inside one neighbourhood cost one commit\n");
+  char path[300];
+  path_of(path, sizeof path, "coarse.cbt");
+  const uint64_t gran = 64 * 1024, nbits = 2 * PB;   /* 2 bit pages */
+  const uint64_t size = nbits * gran;
+  bool *model = calloc(nbits, 1), *coarse = calloc(nbits, 1);
+  struct cbt *c = open_map(path, size, gran, CBT_OPEN_NEW);
+  CHECK(cbt_commit_count(c) == 0);
+
+  /* 200 random 4 KiB writes inside neighbourhood 37. */
+  const uint64_t nb = 37;
+  unsigned s = 4242;
+  for (int i = 0; i < 200; i++) {
+    s = s * 1103515245u + 12345u;
+    uint64_t region = nb * SP + (s >> 8) % SP;
+    uint64_t off = region * gran + ((s >> 20) % (gran / 4096)) * 4096;
+    CHECK(mark_wait(c, off, 4096) == 0);
+    model[region] = true;
+  }
+  printf("  200 writes in one neighbourhood: %llu commit(s)\n",
+         (unsigned long long)cbt_commit_count(c));
+  CHECK(cbt_commit_count(c) == 1);
+  CHECK(map_equals(c, model));                 /* the live map stays exact */
+  for (uint64_t r = nb * SP; r < nb * SP + SP; r++)
+    coarse[r] = true;
+
+  /* Another neighbourhood (in the other page): one more; a write across two
+   * new neighbourhoods: one more (both in one commit). */
+  const uint64_t far = PB + 5 * SP + 3;
+  CHECK(mark_wait(c, far * gran + 100, 1) == 0);
+  model[far] = true;
+  CHECK(cbt_commit_count(c) == 2);
+  const uint64_t across = 100 * SP - 1;         /* last region of 99, first of 100 */
+  CHECK(mark_wait(c, across * gran, 2 * gran) == 0);
+  model[across] = model[across + 1] = true;
+  CHECK(cbt_commit_count(c) == 3);
+  for (uint64_t r = 0; r < nbits; r++)
+    if (r / SP == far / SP || r / SP == 99 || r / SP == 100)
+      coarse[r] = true;
+  /* Durable neighbourhoods: no ticket, no commit. */
+  CHECK(cbt_mark(c, (nb * SP + SP - 1) * gran, 1) == 0);
+  model[nb * SP + SP - 1] = true;
+  CHECK(cbt_mark(c, (far / SP * SP) * gran, 1) == 0);
+  model[far / SP * SP] = true;
+  CHECK(map_equals(c, model));
+  CHECK(cbt_commit_count(c) == 3);
+
+  /* The file (as a kill -9 would leave it) holds the whole neighbourhoods. */
+  struct cbt *r = open_map(path, size, gran, 0);
+  printf("  as a restart sees it: state \"%s\", %llu dirty\n", cbt_state(r),
+         (unsigned long long)cbt_dirty_count(r));
+  CHECK(strcmp(cbt_state(r), "recovered: unclean shutdown; regions marked at 2 MiB precision") == 0);
+  CHECK(map_equals(r, coarse));
+  cbt_close(r);
+
+  /* A sync writes the exact map and forgets the neighbourhoods: a new
+   * region in one of them needs a commit again. */
+  CHECK(cbt_sync(c) == 0);
+  r = open_map(path, size, gran, 0);
+  CHECK(strcmp(cbt_state(r), "ok") == 0);
+  CHECK(map_equals(r, model));
+  cbt_close(r);
+  uint64_t fresh = nb * SP;                     /* a region of nbhd 37 not written yet */
+  while (model[fresh])
+    fresh++;
+  cbt_write_begin(c);
+  uint64_t t = cbt_mark(c, fresh * gran, 1);
+  cbt_write_end(c);
+  CHECK(t > 0);
+  CHECK(cbt_wait(c, t) == 0);
+  model[fresh] = true;
+  CHECK(cbt_commit_count(c) == 4);
+  r = open_map(path, size, gran, 0);             /* the flag is set again */
+  CHECK(starts_with(cbt_state(r), "recovered: unclean shutdown"));
+  CHECK(cbt_dirty_count(r) >= SP);
+  cbt_close(r);
+
+  /* A clean close: exact again. */
+  cbt_close(c);
+  c = open_map(path, size, gran, 0);
+  CHECK(strcmp(cbt_state(c), "ok") == 0);
+  CHECK(map_equals(c, model));
+  cbt_close(c);
+  free(model);
+  free(coarse);
 }
 
 static _Atomic bool bench_stop;
@@ -718,6 +862,7 @@ int main(void)
   }
   test_persist_exact();
   test_missing_map();
+  test_persist_coarse();
   test_crash();
   test_corrupt_header();
   test_corrupt_page();

@@ -264,7 +264,8 @@ static void test_nowait(void)
   CHECK(read_is(d, 2 * MiB + 8192, 4096, 0x78));
   CHECK(disk_zero(d, 4096, 2 * MiB + 8192, DISK_IO_NOWAIT | DISK_IO_MAY_TRIM) == 0);
   CHECK(disk_trim(d, 4096, 2 * MiB, DISK_IO_NOWAIT) == 0);
-  CHECK(disk_trim(d, 4096, 3 * MiB, DISK_IO_NOWAIT) == -EAGAIN);   /* clean region */
+  /* 4-6 MiB: a persist neighbourhood (2 MiB, cbt.h) not written yet. */
+  CHECK(disk_trim(d, 4096, 5 * MiB, DISK_IO_NOWAIT) == -EAGAIN);   /* clean neighbourhood */
   /* FUA blocks by definition. */
   CHECK(write_fill(d, 2 * MiB, 4096, 0x79, DISK_IO_NOWAIT | DISK_IO_FUA) == -EAGAIN);
   CHECK(read_is(d, 2 * MiB + 4096, 4096, 0));
@@ -287,12 +288,12 @@ static void test_nowait(void)
   printf("write limit: NOWAIT is -EAGAIN when the limiter says wait; blocking writes wait\n");
   disk_set_write_limit(d, 1 * MiB);
   CHECK(disk_write_limit(d) == 1 * MiB);
-  CHECK(write_fill(d, 2 * MiB, (uint32_t)MiB, 0x55, DISK_IO_NOWAIT) == -EAGAIN);  /* clean regions */
+  CHECK(write_fill(d, 6 * MiB, (uint32_t)MiB, 0x55, DISK_IO_NOWAIT) == -EAGAIN);  /* clean regions */
   uint64_t t0 = now_ns();
-  CHECK(write_fill(d, 2 * MiB, (uint32_t)MiB, 0x55, 0) == 0);   /* burst: goes, books 0.9 s ahead */
-  CHECK(write_fill(d, 2 * MiB, 4096, 0x56, DISK_IO_NOWAIT) == -EAGAIN);
-  CHECK(read_is(d, 2 * MiB, 4096, 0x55));
-  CHECK(write_fill(d, 2 * MiB, 4096, 0x56, 0) == 0);
+  CHECK(write_fill(d, 6 * MiB, (uint32_t)MiB, 0x55, 0) == 0);   /* burst: goes, books 0.9 s ahead */
+  CHECK(write_fill(d, 6 * MiB, 4096, 0x56, DISK_IO_NOWAIT) == -EAGAIN);
+  CHECK(read_is(d, 6 * MiB, 4096, 0x55));
+  CHECK(write_fill(d, 6 * MiB, 4096, 0x56, 0) == 0);
   /* The 4 KiB write cannot start before the 1 MiB one's interval (1 s, less
    * the 100 ms burst allowance) is over. */
   printf("  1 MiB + 4 KiB at 1 MiB/s took %.0f ms\n", (double)(now_ns() - t0) / 1e6);
@@ -348,22 +349,23 @@ static void test_map_failure(void)
   struct disk *d = open_disk(true, true, true);
   CHECK(write_fill(d, 0, 4096, 1, 0) == 0);
   cbt_inject_write_error(disk_cbt(d), EIO);
-  CHECK(write_fill(d, 1 * MiB, 4096, 2, 0) == -EIO);   /* commit failed under it */
-  CHECK(write_fill(d, 2 * MiB, 4096, 3, 0) == -EIO);   /* fail mode: refused first */
-  CHECK(read_is(d, 2 * MiB, 4096, 0));                  /* ...so the data is untouched */
-  CHECK(write_fill(d, 2 * MiB, 4096, 3, DISK_IO_NOWAIT) == -EIO);
-  /* Durability is tracked per map page (32704 regions): region 0 was durable,
-   * but its page carries the failed change, so it fails too. */
+  /* 0, 4 MiB and 6 MiB are in three persist neighbourhoods (2 MiB, cbt.h). */
+  CHECK(write_fill(d, 4 * MiB, 4096, 2, 0) == -EIO);   /* commit failed under it */
+  CHECK(write_fill(d, 6 * MiB, 4096, 3, 0) == -EIO);   /* fail mode: refused first */
+  CHECK(read_is(d, 6 * MiB, 4096, 0));                  /* ...so the data is untouched */
+  CHECK(write_fill(d, 6 * MiB, 4096, 3, DISK_IO_NOWAIT) == -EIO);
+  /* Durability is tracked per group of 64 neighbourhoods (128 MiB): region 0
+   * was durable, but its group carries the failed change, so it fails too. */
   CHECK(write_fill(d, 100, 10, 4, 0) == -EIO);
   CHECK(strncmp(disk_cbt_state(d), "failed", 6) == 0);
   cbt_inject_write_error(disk_cbt(d), 0);
   CHECK(disk_sync_all(d) == 0);
-  CHECK(write_fill(d, 2 * MiB, 4096, 3, 0) == 0);
+  CHECK(write_fill(d, 6 * MiB, 4096, 3, 0) == 0);
   CHECK(strcmp(disk_cbt_state(d), "created") == 0);
   disk_unref(d);
   d = open_disk(true, true, false);
   CHECK(strcmp(disk_cbt_state(d), "ok") == 0);
-  CHECK(disk_dirty_bytes(d) == 3 * GRAN);               /* 0, 1 MiB (failed write), 2 MiB */
+  CHECK(disk_dirty_bytes(d) == 3 * GRAN);               /* 0, 4 MiB (failed write), 6 MiB */
   disk_unref(d);
 }
 
