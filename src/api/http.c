@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #include "common/log.h"
+#include "common/net.h"
 #include "common/util.h"
 
 #define HTTP_THREADS 2
@@ -426,43 +427,6 @@ json_t *http_body_object(struct http_request *req, bool optional, struct http_re
 
 /* ---- start / stop ---- */
 
-static int listen_on(const char *host_port, int *family, char *err, size_t errlen)
-{
-  char host[256];
-  uint16_t port;
-  if (parse_host_port(host_port, host, sizeof host, &port) < 0) {
-    snprintf(err, errlen, "bad API address '%s': expected HOST:PORT or [V6]:PORT", host_port);
-    return -1;
-  }
-  struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-                            .ai_flags = AI_PASSIVE | AI_NUMERICSERV };
-  struct addrinfo *ai;
-  char portstr[8];
-  snprintf(portstr, sizeof portstr, "%u", port);
-  int gai = getaddrinfo(host, portstr, &hints, &ai);
-  if (gai) {
-    snprintf(err, errlen, "cannot resolve API address '%s': %s", host, gai_strerror(gai));
-    return -1;
-  }
-  int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, ai->ai_protocol);
-  if (fd < 0) {
-    snprintf(err, errlen, "cannot listen on %s: socket: %s", host_port, strerror(errno));
-    freeaddrinfo(ai);
-    return -1;
-  }
-  int one = 1;
-  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  if (bind(fd, ai->ai_addr, ai->ai_addrlen) < 0 || listen(fd, 64) < 0) {
-    snprintf(err, errlen, "cannot listen on %s: %s", host_port, strerror(errno));
-    close(fd);
-    freeaddrinfo(ai);
-    return -1;
-  }
-  *family = ai->ai_family;
-  freeaddrinfo(ai);
-  return fd;
-}
-
 struct http_server *http_start(const char *host_port, const struct http_route *routes,
                                size_t nroutes, void *ctx, char *err, size_t errlen)
 {
@@ -478,7 +442,9 @@ struct http_server *http_start(const char *host_port, const struct http_route *r
   pthread_cond_init(&srv->idle, NULL);
 
   int family = AF_INET;
-  int fd = listen_on(host_port, &family, err, errlen);
+  uint16_t bound_port = 0;
+  int fd = net_listen_tcp(host_port, SOCK_NONBLOCK, "API", 64, &family, &bound_port, err,
+                          errlen);
   if (fd < 0)
     goto fail;
   unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO | MHD_USE_ITC;
@@ -497,16 +463,7 @@ struct http_server *http_start(const char *host_port, const struct http_route *r
     close(fd);
     goto fail;
   }
-  const union MHD_DaemonInfo *info = MHD_get_daemon_info(srv->mhd, MHD_DAEMON_INFO_BIND_PORT);
-  if (info && info->port) {
-    srv->port = info->port;
-  } else {
-    struct sockaddr_storage ss;
-    socklen_t sl = sizeof ss;
-    getsockname(fd, (struct sockaddr *)&ss, &sl);
-    srv->port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
-                                               : ((struct sockaddr_in *)&ss)->sin_port);
-  }
+  srv->port = bound_port;
   char host[256];
   uint16_t unused;
   parse_host_port(host_port, host, sizeof host, &unused);

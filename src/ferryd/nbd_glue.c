@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #include "common/log.h"
+#include "common/net.h"
 #include "common/util.h"
 #include "disk/disk.h"
 #include "disk/registry.h"
@@ -307,39 +308,13 @@ static int listen_unix(struct nbd_listener *l, const char *path, char *err, size
 
 static int listen_tcp(struct nbd_listener *l, const char *spec, char *err, size_t errlen)
 {
+  int family;
+  int fd = net_listen_tcp(spec, 0, "NBD", 128, &family, &l->port, err, errlen);
+  if (fd < 0)
+    return -1;
   char host[64];
-  uint16_t port;
-  if (parse_host_port(spec, host, sizeof host, &port) < 0) {
-    snprintf(err, errlen, "bad NBD address '%s': expected unix:PATH or HOST:PORT", spec);
-    return -1;
-  }
-  struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-                            .ai_flags = AI_PASSIVE | AI_NUMERICSERV };
-  struct addrinfo *ai;
-  char portstr[8];
-  snprintf(portstr, sizeof portstr, "%u", port);
-  int gai = getaddrinfo(host, portstr, &hints, &ai);
-  if (gai) {
-    snprintf(err, errlen, "cannot resolve NBD address '%s': %s", host, gai_strerror(gai));
-    return -1;
-  }
-  int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
-  int one = 1;
-  if (fd >= 0)
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  if (fd < 0 || bind(fd, ai->ai_addr, ai->ai_addrlen) < 0 || listen(fd, 128) < 0) {
-    snprintf(err, errlen, "cannot listen on %s: %s", spec, strerror(errno));
-    if (fd >= 0)
-      close(fd);
-    freeaddrinfo(ai);
-    return -1;
-  }
-  freeaddrinfo(ai);
-  struct sockaddr_storage ss;
-  socklen_t sl = sizeof ss;
-  getsockname(fd, (struct sockaddr *)&ss, &sl);
-  l->port = ntohs(ss.ss_family == AF_INET ? ((struct sockaddr_in *)&ss)->sin_port
-                                          : ((struct sockaddr_in6 *)&ss)->sin6_port);
+  uint16_t unused;
+  parse_host_port(spec, host, sizeof host, &unused);
   snprintf(l->host, sizeof l->host, "%s", host);
   if (strchr(host, ':'))
     snprintf(l->address, sizeof l->address, "[%s]:%u", host, l->port);

@@ -9,15 +9,7 @@
 
 #include "common/bitmap.h"
 
-static int failures;
-
-#define CHECK(cond)                                                          \
-  do {                                                                       \
-    if (!(cond)) {                                                           \
-      fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-      failures++;                                                            \
-    }                                                                        \
-  } while (0)
+#include "check.h"
 
 /* The model: a byte per bit. */
 static uint64_t model_count(const bool *m, uint64_t n)

@@ -29,15 +29,7 @@
 #include "common/util.h"
 #include "disk/cbt.h"
 
-static int failures;
-
-#define CHECK(cond)                                                          \
-  do {                                                                       \
-    if (!(cond)) {                                                           \
-      fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-      failures++;                                                            \
-    }                                                                        \
-  } while (0)
+#include "check.h"
 
 #define G 4096ull                    /* granularity used by most tests */
 #define PB ((uint64_t)CBT_PAGE_BITS)

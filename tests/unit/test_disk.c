@@ -18,15 +18,7 @@
 #include "disk/cbt.h"
 #include "disk/disk.h"
 
-static int failures;
-
-#define CHECK(cond)                                                          \
-  do {                                                                       \
-    if (!(cond)) {                                                           \
-      fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-      failures++;                                                            \
-    }                                                                        \
-  } while (0)
+#include "check.h"
 
 #define KiB 1024ull
 #define MiB (1024 * KiB)

@@ -12,15 +12,7 @@
 #include "common/util.h"
 #include "disk/heat.h"
 
-static int failures;
-
-#define CHECK(cond)                                                          \
-  do {                                                                       \
-    if (!(cond)) {                                                           \
-      fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-      failures++;                                                            \
-    }                                                                        \
-  } while (0)
+#include "check.h"
 
 #define MiB (1024ull * 1024)
 #define GiB (1024ull * MiB)

@@ -13,15 +13,7 @@
 #include "common/util.h"
 #include "disk/throttle.h"
 
-static int failures;
-
-#define CHECK(cond)                                                          \
-  do {                                                                       \
-    if (!(cond)) {                                                           \
-      fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-      failures++;                                                            \
-    }                                                                        \
-  } while (0)
+#include "check.h"
 
 static double secs_since(uint64_t t0) { return (double)(now_ns() - t0) / 1e9; }
 
