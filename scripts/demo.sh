@@ -1,54 +1,74 @@
 #!/usr/bin/env bash
-# demo.sh: ferry's disk service, end to end, narrated.
+# demo.sh: a live migration between two ferry sites on this machine, narrated.
 #
 #   scripts/setup.sh && scripts/build.sh && scripts/demo.sh
 #
-# Starts ferryd in a temp dir (API on a free port, NBD on its own unix socket),
-# creates a 1 GiB disk, puts a small image into it with qemu-img, writes and
-# reads it with qemu-io, looks at it with nbdinfo (allocation map and ferry's
-# dirty map), shows what ferryd recorded (dirty map, heat, stats) and stops
-# ferryd with SIGTERM.  Everything it starts it stops (by pid), and the temp
-# dir goes away, also on failure or Ctrl-C.
+# Starts two ferryd sites, "onprem" and "cloud" (each with its data dir in a
+# temp dir, REST API and site link on free loopback ports, NBD on its own unix
+# socket), gives each its site identity and pairs them, creates a 1 GiB disk
+# at onprem and fills a quarter of it, starts a simulated VM (driver sim) that
+# writes to it all the time, and live-migrates the VM to cloud with a progress
+# bar.  Then it shows the downtime and the bytes moved, where the VM runs now,
+# and the VM's own verify at the destination: every block against the table
+# of what the VM wrote, so a lost or misplaced acknowledged write would show.
+# Everything it starts it stops (by pid) and the temp dir goes, also on
+# failure or Ctrl-C.
 #
-# Environment: FERRY_BUILD (default build; built if absent), KEEP=1 keeps the
-# temp dir for a look afterwards.
+# Environment: FERRY_BUILD (default build; built if absent), DISK_SIZE (1G),
+# FILL (percent, 25), WORKLOAD (write-heavy), MAX_DOWNTIME (500ms), KEEP=1
+# keeps the temp dir for a look afterwards.  scripts/demo-disk.sh is the
+# earlier demo of the disk service alone (qemu-img, qemu-io, nbdinfo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 BUILD=${FERRY_BUILD:-build}
 case "$BUILD" in /*) ;; *) BUILD="$ROOT/$BUILD" ;; esac
 PY=/usr/bin/python3
+DISK_SIZE=${DISK_SIZE:-1G}
+FILL=${FILL:-25}
+WORKLOAD=${WORKLOAD:-write=80,bs=4k,iops=2000,zipf=0.9,qd=8}
+MAX_DOWNTIME=${MAX_DOWNTIME:-500ms}
 
 bold() { if [ -t 1 ]; then printf '\033[1m%s\033[0m\n' "$*"; else printf '%s\n' "$*"; fi; }
 step_no=0
 step() { step_no=$((step_no + 1)); echo; bold "== $step_no. $*"; }
-show() { printf '$ %s\n' "$*"; "$@"; }
 
-for tool in qemu-img qemu-io nbdinfo; do
-  command -v "$tool" >/dev/null || { echo "demo: $tool missing; run scripts/setup.sh" >&2; exit 1; }
-done
-if [ ! -x "$BUILD/ferryd" ] || [ ! -x "$BUILD/ferry" ]; then
+if [ ! -x "$BUILD/ferryd" ] || [ ! -x "$BUILD/ferry" ] || [ ! -x "$BUILD/ferry-simvm" ]; then
   echo "demo: no binaries in $BUILD; building the release flavour first"
   scripts/build.sh release "$BUILD"
 fi
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/ferry-demo.XXXXXX")
-DATA="$TMP/data"
-SOCK="$TMP/nbd.sock"
-LOG="$TMP/ferryd.log"
-FERRYD_PID=
+declare -A PID API
+VM_PIDS=()
+
+stop_daemon() {
+  local pid=$1
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
 
 cleanup() {
   rc=$?
-  if [ -n "$FERRYD_PID" ] && kill -0 "$FERRYD_PID" 2>/dev/null; then
-    kill -TERM "$FERRYD_PID" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$FERRYD_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$FERRYD_PID" 2>/dev/null || true
-    wait "$FERRYD_PID" 2>/dev/null || true
-  fi
-  if [ "$rc" -ne 0 ] && [ -f "$LOG" ]; then
-    echo "demo: FAILED (exit $rc); last lines of ferryd's log:" >&2
-    tail -n 30 "$LOG" >&2
+  # VMs outlive ferryd (as guests do): end the ones this demo started.
+  for site in onprem cloud; do
+    [ -n "${API[$site]:-}" ] || continue
+    for p in $("$BUILD/ferry" --api "${API[$site]}" -o json vm list 2>/dev/null |
+               $PY -c 'import json,sys; [print(v["pid"]) for v in json.load(sys.stdin)["vms"] if v["pid"]]' 2>/dev/null); do
+      VM_PIDS+=("$p")
+    done
+  done
+  for p in "${VM_PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+  for site in onprem cloud; do stop_daemon "${PID[$site]:-}"; done
+  if [ "$rc" -ne 0 ]; then
+    for site in onprem cloud; do
+      [ -f "$TMP/$site.log" ] || continue
+      echo "demo: FAILED (exit $rc); last lines of $site's ferryd log:" >&2
+      tail -n 20 "$TMP/$site.log" >&2
+    done
   fi
   if [ "${KEEP:-0}" = 1 ]; then echo "demo: kept $TMP"; else rm -rf "$TMP"; fi
   exit "$rc"
@@ -56,74 +76,73 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-step "Start ferryd: data in $DATA, REST API on a free port, NBD on $SOCK"
-FERRYD_ARGS=(--data-dir "$DATA" --api 127.0.0.1:0 --nbd "unix:$SOCK" --log-level info)
-printf '$ %s %s >%s 2>&1 &\n' "$BUILD/ferryd" "${FERRYD_ARGS[*]}" "$LOG"
-"$BUILD/ferryd" "${FERRYD_ARGS[@]}" >"$LOG" 2>&1 &
-FERRYD_PID=$!   # ferryd itself (no subshell in between), so SIGTERM reaches it
-echo "ferryd pid $FERRYD_PID; waiting for $DATA/ferryd.json"
-for _ in $(seq 300); do
-  if [ -f "$DATA/ferryd.json" ] &&
-     [ "$($PY -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' "$DATA/ferryd.json" 2>/dev/null)" = "$FERRYD_PID" ]; then
-    break
-  fi
-  kill -0 "$FERRYD_PID" 2>/dev/null || { echo "ferryd exited early" >&2; exit 1; }
-  sleep 0.1
+start_site() {
+  local site=$1 dir="$TMP/$1"
+  mkdir -p "$dir"
+  local args=(--data-dir "$dir/data" --api 127.0.0.1:0 --link 127.0.0.1:0
+              --nbd "unix:$dir/nbd.sock" --log-level info)
+  printf '$ ferryd %s >%s 2>&1 &\n' "${args[*]}" "$TMP/$site.log"
+  "$BUILD/ferryd" "${args[@]}" >"$TMP/$site.log" 2>&1 &
+  PID[$site]=$!
+  for _ in $(seq 300); do
+    if [ -f "$dir/data/ferryd.json" ] &&
+       [ "$($PY -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' "$dir/data/ferryd.json" 2>/dev/null)" = "${PID[$site]}" ]; then
+      break
+    fi
+    kill -0 "${PID[$site]}" 2>/dev/null || { echo "ferryd ($site) exited early" >&2; exit 1; }
+    sleep 0.1
+  done
+  API[$site]=$($PY -c 'import json,sys; print(json.load(open(sys.argv[1]))["api"])' "$dir/data/ferryd.json")
+  echo "$site: ferryd pid ${PID[$site]}, API ${API[$site]}"
+}
+onprem() { printf '$ ferry --api %s %s\n' "${API[onprem]}" "$*"; "$BUILD/ferry" --api "${API[onprem]}" "$@"; }
+cloud() { printf '$ ferry --api %s %s\n' "${API[cloud]}" "$*"; "$BUILD/ferry" --api "${API[cloud]}" "$@"; }
+
+step "Start two sites on this machine: onprem (the source) and cloud (the destination)"
+start_site onprem
+start_site cloud
+
+step "Give each site its identity on the site link (key + certificate), then pair them"
+onprem site init --name onprem
+cloud site init --name cloud
+onprem site pair "${API[cloud]}"
+echo "(each site now trusts exactly the other's certificate: TLS 1.3, mutual authentication)"
+
+step "At onprem: a $DISK_SIZE disk, $FILL% of it written, and a VM that writes to it all the time"
+onprem disk create vda --size "$DISK_SIZE"
+onprem vm create vm1 --driver sim --disk vda --workload "$WORKLOAD"
+STATE="$TMP/onprem/data/vms/vm1/state.sim"
+printf '$ ferry-simvm fill --percent %s ...   (the VM writes %s%% of its disk, so there is data to move)\n' "$FILL" "$FILL"
+"$BUILD/ferry-simvm" fill --state "$STATE" --create --percent "$FILL" \
+  --disk "vda=nbd+unix:///vda?socket=$TMP/onprem/nbd.sock" --log-level warn
+onprem vm start vm1
+sleep 2
+onprem vm show vm1
+onprem disk show vda | head -n 8
+
+step "Live-migrate vm1 to cloud while it keeps writing (max downtime $MAX_DOWNTIME)"
+onprem migrate vm1 --to cloud --max-downtime "$MAX_DOWNTIME" --wait
+
+step "Where the VM runs now"
+onprem vm list
+cloud vm list
+cloud vm show vm1
+echo "(onprem's copy of the disk is fenced: writes there are refused, cloud is authoritative)"
+"$BUILD/ferry" --api "${API[onprem]}" -o json disk show vda |
+  $PY -c 'import json,sys; print("onprem vda fence:", json.load(sys.stdin)["fence"])'
+
+step "The VM's own check at the destination: every block against what it wrote"
+cloud vm verify vm1
+
+step "Stop the VM and both sites"
+cloud vm stop vm1
+for site in onprem cloud; do
+  kill -TERM "${PID[$site]}"
+  rc=0
+  wait "${PID[$site]}" || rc=$?
+  PID[$site]=
+  echo "$site: ferryd exited with $rc"
+  [ "$rc" -eq 0 ] || exit 1
 done
-[ -f "$DATA/ferryd.json" ] || { echo "ferryd not ready after 30 s" >&2; exit 1; }
-echo "ready"
-show cat "$DATA/ferryd.json"; echo
-API=$($PY -c 'import json,sys; print(json.load(open(sys.argv[1]))["api"])' "$DATA/ferryd.json")
-ferry() { printf '$ ferry %s\n' "$*"; "$BUILD/ferry" --api "$API" "$@"; }
-
-step "Create a 1 GiB disk (a sparse raw image in the data dir)"
-ferry disk create demo --size 1G
-URI="nbd+unix:///demo?socket=$SOCK"
-echo "NBD URI: $URI   (the export name is the disk name)"
-
-step "Put a small image into it with qemu-img convert, then compare"
-$PY - "$TMP/small.raw" <<'EOF'
-import os, sys
-data = bytearray(os.urandom(8 << 20))
-data[2 << 20:4 << 20] = bytes(2 << 20)     # a zero stretch: sent as WRITE_ZEROES
-open(sys.argv[1], "wb").write(data)
-EOF
-show qemu-img convert -n -p -f raw -O raw "$TMP/small.raw" "$URI"
-show qemu-img compare -f raw -F raw "$TMP/small.raw" "$URI"
-echo "(the disk is larger than the image: compare checks that the rest reads as zeros)"
-
-step "Write patterns at a few offsets with qemu-io (unaligned too), read them back verified"
-show qemu-io -f raw -c 'write -P 0xab 100M 64k' -c 'write -P 0xcd 300000123 3333' \
-  -c 'write -P 0xef 768M 1M' "$URI"
-show qemu-io -f raw -c 'read -P 0xab 100M 64k' -c 'read -P 0xcd 300000123 3333' \
-  -c 'read -P 0xef 768M 1M' -c 'read -P 0 900M 4k' "$URI"
-
-step "Ask the server what is allocated (NBD base:allocation)"
-show nbdinfo --map "$URI"
-
-step "Ask the server what changed (NBD meta context ferry:dirty, bit 0 = written)"
-show nbdinfo --map=ferry:dirty "$URI"
-
-step "What ferryd recorded: size, allocation, dirty map, IO stats, latency, heat"
-ferry disk show demo
-
-step "The dirty map as extents (64 KiB granularity) and the hottest regions"
-ferry disk dirty demo
-ferry disk heat demo --top 5
-
-step "Take the dirty map (as a replicator would) and start a clean one"
-ferry disk dirty demo --swap
-ferry disk dirty demo
-
-step "Stop ferryd with SIGTERM: it finishes requests, syncs disks and maps, exits 0"
-kill -TERM "$FERRYD_PID"
-rc=0
-wait "$FERRYD_PID" || rc=$?
-FERRYD_PID=
-echo "ferryd exited with $rc"
-[ "$rc" -eq 0 ] || exit 1
-[ ! -e "$DATA/ferryd.json" ] && echo "ferryd.json removed"
-echo "last lines of ferryd's log:"
-tail -n 5 "$LOG"
 echo
 bold "Demo done."

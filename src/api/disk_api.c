@@ -1,16 +1,15 @@
-/* disk_api: the /v1 handlers of docs/api.md (see disk_api.h).
+/* disk_api: the /v1/disks handlers of docs/api.md, and /v1/health.
  *
  * Each handler validates all of its input before it changes anything
  * (unknown fields and query parameters are refused, names checked, sizes and
  * rates parsed), then makes one registry call, and maps its -errno to the
- * error codes of docs/api.md in one place (answer_registry_error).  Answers
- * with status >= 500 are logged once, here; 4xx only at debug level, since
- * they are the client's business.
+ * error codes of docs/api.md in one place (api_answer_errno).  Answers
+ * with status >= 500 are logged once (api_log_server_error).
  *
  * DISK and DIRTY documents are built from one snapshot of the dirty map, so
  * dirty_bytes, dirty_regions and extents agree with each other.
  */
-#include "api/disk_api.h"
+#include "api/api.h"
 
 #include <errno.h>
 #include <jansson.h>
@@ -27,80 +26,23 @@
 #include "disk/heat.h"
 #include "disk/registry.h"
 #include "ferryd/nbd_glue.h"
+#include "site/site.h"
 
 #define HEAT_TOP_DEFAULT 10
 #define HEAT_HOTTEST_IN_DISK 5
 #define TRACE_MAX_DEFAULT 256
 
-struct disk_api {
-  struct registry *reg;
-  struct nbd_listener *nbd;
-  struct http_server *http;
-};
-
-/* ---- errors ---- */
-
-/* Maps a registry error to its API error; `what` says which resource a
- * -ENOENT speaks of ("disk" answers 404, "image" 400: the route exists). */
-static void answer_registry_error(struct http_response *resp, int err, const char *msg,
-                                  bool enoent_is_input)
-{
-  switch (err) {
-  case -EINVAL:
-    http_error(resp, 400, "invalid_argument", "%s", msg);
-    break;
-  case -ENOENT:
-    if (enoent_is_input)
-      http_error(resp, 400, "invalid_argument", "%s", msg);
-    else
-      http_error(resp, 404, "not_found", "%s", msg);
-    break;
-  case -EEXIST:
-    http_error(resp, 409, "already_exists", "%s", msg);
-    break;
-  case -EBUSY:
-    http_error(resp, 409, "busy", "%s", msg);
-    break;
-  case -ENOMEM:
-    http_error(resp, 500, "internal", "%s", msg);
-    break;
-  default:
-    http_error(resp, 500, "io_error", "%s", msg);
-    break;
-  }
-}
-
-static void log_server_error(struct http_request *req, const struct http_response *resp)
-{
-  if (resp->status < 500 || !resp->body)
-    return;
-  const char *msg = json_string_value(json_object_get(json_object_get(resp->body, "error"),
-                                                      "message"));
-  log_error(NULL, "api: %s %s: %s", http_method(req), http_path(req), msg ? msg : "?");
-}
-
 /* ---- input helpers ---- */
-
-/* Checks a disk name; false with 400 set. */
-static bool valid_name(const char *name, struct http_response *resp)
-{
-  if (name_is_valid(name))
-    return true;
-  http_error(resp, 400, "invalid_argument",
-             "invalid disk name '%.80s': 1-64 characters of A-Z a-z 0-9 . _ -, "
-             "not starting with '.' or '-'", name ? name : "");
-  return false;
-}
 
 /* The NAME path parameter, validated; NULL with 400 set. */
 static const char *path_name(struct http_request *req, struct http_response *resp)
 {
   const char *name = http_param(req, 0);
-  return valid_name(name, resp) ? name : NULL;
+  return api_valid_name(name, resp) ? name : NULL;
 }
 
 /* The named disk (a reference), or NULL with 400/404 set. */
-static struct disk *path_disk(struct disk_api *a, struct http_request *req,
+static struct disk *path_disk(struct api *a, struct http_request *req,
                               struct http_response *resp)
 {
   const char *name = path_name(req, resp);
@@ -110,77 +52,6 @@ static struct disk *path_disk(struct disk_api *a, struct http_request *req,
   if (!d)
     http_error(resp, 404, "not_found", "disk '%s' does not exist", name);
   return d;
-}
-
-/* Routes without a body accept none, or an empty object. */
-static bool no_body(struct http_request *req, struct http_response *resp)
-{
-  json_t *b = http_body_object(req, true, resp);
-  if (!b)
-    return false;
-  bool ok = json_object_size(b) == 0;
-  json_decref(b);
-  if (!ok)
-    http_error(resp, 400, "invalid_argument", "%s %s takes no request body", http_method(req),
-               http_path(req));
-  return ok;
-}
-
-/* Refuses any member of obj not in allowed (NULL-terminated). */
-static bool only_fields(json_t *obj, const char *const *allowed, struct http_response *resp)
-{
-  const char *key;
-  json_t *v;
-  json_object_foreach(obj, key, v) {
-    bool ok = false;
-    for (const char *const *f = allowed; *f; f++)
-      ok = ok || strcmp(*f, key) == 0;
-    if (!ok) {
-      http_error(resp, 400, "invalid_argument", "unknown field '%.64s'", key);
-      return false;
-    }
-  }
-  return true;
-}
-
-/* A size or rate field: a non-negative integer (bytes) or a string such as
- * "10G" / "50M/s".  Values above INT64_MAX are refused (JSON integers here
- * are signed 64-bit, and no disk or rate is that large). */
-static bool size_field(json_t *v, const char *field, bool rate, uint64_t *out,
-                       struct http_response *resp)
-{
-  if (json_is_integer(v)) {
-    json_int_t n = json_integer_value(v);
-    if (n < 0) {
-      http_error(resp, 400, "invalid_argument", "'%s' must not be negative", field);
-      return false;
-    }
-    *out = (uint64_t)n;
-    return true;
-  }
-  if (json_is_string(v)) {
-    const char *s = json_string_value(v);
-    uint64_t n;
-    if ((rate ? parse_rate(s, &n) : parse_size(s, &n)) < 0) {
-      if (errno == ERANGE)
-        http_error(resp, 400, "invalid_argument", "'%s' value '%.64s' is too large", field, s);
-      else
-        http_error(resp, 400, "invalid_argument",
-                   "'%s' value '%.64s' is not a %s (bytes, or a number with K, M, G, T, P%s)",
-                   field, s, rate ? "rate" : "size", rate ? ", optionally /s" : "");
-      return false;
-    }
-    if (n > (uint64_t)INT64_MAX) {
-      http_error(resp, 400, "invalid_argument", "'%s' value '%.64s' is too large", field, s);
-      return false;
-    }
-    *out = n;
-    return true;
-  }
-  http_error(resp, 400, "invalid_argument",
-             "'%s' must be an integer number of bytes or a string such as \"%s\"", field,
-             rate ? "50M" : "10G");
-  return false;
 }
 
 /* ---- documents ---- */
@@ -307,7 +178,7 @@ static json_t *dirty_json(const struct disk_dirty_map *m, uint64_t disk_size)
                    "extents", extents);
 }
 
-static json_t *disk_json(struct disk_api *a, struct disk *d)
+static json_t *disk_json(struct api *a, struct disk *d)
 {
   const char *name = disk_name(d);
   char uri[512];
@@ -347,7 +218,10 @@ static json_t *disk_json(struct disk_api *a, struct disk *d)
                      "regions", (json_int_t)heat_nregions(h), "hottest", hottest);
   }
 
-  return json_pack("{s:s, s:s, s:b, s:b, s:I, s:I, s:I, s:I, s:s, s:I, s:I, s:o, s:o, s:o}",
+  char fence[160];
+  disk_fence_reason(d, fence, sizeof fence);
+  return json_pack("{s:s, s:s, s:b, s:b, s:I, s:I, s:I, s:I, s:s, s:I, s:I, s:I, s:o, s:o, s:o,"
+                   " s:o}",
                    "name", name,
                    "image", disk_image_path(d),
                    "owned", registry_owns_image(a->reg, name),
@@ -358,31 +232,39 @@ static json_t *disk_json(struct disk_api *a, struct disk *d)
                    "clients", (json_int_t)disk_clients(d),
                    "nbd_uri", uri,
                    "write_limit_bps", (json_int_t)disk_write_limit(d),
+                   "backpressure_limit_bps", (json_int_t)disk_backpressure_limit(d),
                    "throttled_ms", (json_int_t)(disk_write_throttled_ns(d) / 1000000),
-                   "cbt", cbt, "stats", stats, "heat", heat);
+                   "cbt", cbt, "stats", stats, "heat", heat,
+                   "fence", fence[0] ? json_string(fence) : json_null());
 }
 
 /* ---- handlers ---- */
 
 static void h_health(void *ctx, struct http_request *req, struct http_response *resp)
 {
-  struct disk_api *a = ctx;
-  if (!http_query_check(req, NULL, resp) || !no_body(req, resp))
+  struct api *a = ctx;
+  if (!http_query_check(req, NULL, resp) || !api_no_body(req, resp))
     return;
   size_t n = 0;
   struct disk **v = registry_list(a->reg, &n);
   for (size_t i = 0; i < n; i++)
     disk_unref(v[i]);
   free(v);
-  http_reply(resp, 200, json_pack("{s:s, s:s, s:I, s:s, s:I}", "status", "ok",
-                                  "version", FERRY_VERSION, "pid", (json_int_t)getpid(),
-                                  "nbd", nbd_listener_address(a->nbd), "disks", (json_int_t)n));
+  char site[65], link[256];
+  site_name(a->site, site, sizeof site);
+  site_link_address(a->site, link, sizeof link);
+  json_t *j = json_pack("{s:s, s:s, s:I, s:s, s:I}", "status", "ok", "version", FERRY_VERSION,
+                        "pid", (json_int_t)getpid(), "nbd", nbd_listener_address(a->nbd),
+                        "disks", (json_int_t)n);
+  json_object_set_new(j, "site", site[0] ? json_string(site) : json_null());
+  json_object_set_new(j, "link", link[0] ? json_string(link) : json_null());
+  http_reply(resp, 200, j);
 }
 
 static void h_list(void *ctx, struct http_request *req, struct http_response *resp)
 {
-  struct disk_api *a = ctx;
-  if (!http_query_check(req, NULL, resp) || !no_body(req, resp))
+  struct api *a = ctx;
+  if (!http_query_check(req, NULL, resp) || !api_no_body(req, resp))
     return;
   size_t n = 0;
   struct disk **v = registry_list(a->reg, &n);
@@ -401,14 +283,14 @@ static void h_list(void *ctx, struct http_request *req, struct http_response *re
 
 static void h_create(void *ctx, struct http_request *req, struct http_response *resp)
 {
-  struct disk_api *a = ctx;
+  struct api *a = ctx;
   static const char *const fields[] = { "name", "size", "image", "cbt_granularity", NULL };
   if (!http_query_check(req, NULL, resp))
     return;
   json_t *body = http_body_object(req, false, resp);
   if (!body)
     return;
-  if (!only_fields(body, fields, resp))
+  if (!api_only_fields(body, fields, resp))
     goto out;
 
   json_t *jname = json_object_get(body, "name");
@@ -424,7 +306,7 @@ static void h_create(void *ctx, struct http_request *req, struct http_response *
     goto out;
   }
   const char *name = json_string_value(jname);
-  if (!valid_name(name, resp))
+  if (!api_valid_name(name, resp))
     goto out;
   if (!jsize == !jimage) {
     http_error(resp, 400, "invalid_argument",
@@ -434,7 +316,7 @@ static void h_create(void *ctx, struct http_request *req, struct http_response *
   }
   uint64_t gran = 0;
   if (jgran) {
-    if (!size_field(jgran, "cbt_granularity", false, &gran, resp))
+    if (!api_size_field(jgran, "cbt_granularity", false, &gran, resp))
       goto out;
     if (gran == 0) {
       http_error(resp, 400, "invalid_argument",
@@ -447,7 +329,7 @@ static void h_create(void *ctx, struct http_request *req, struct http_response *
   int ret;
   if (jsize) {
     uint64_t size;
-    if (!size_field(jsize, "size", false, &size, resp))
+    if (!api_size_field(jsize, "size", false, &size, resp))
       goto out;
     ret = registry_create(a->reg, name, size, gran, err, sizeof err);
   } else {
@@ -458,8 +340,8 @@ static void h_create(void *ctx, struct http_request *req, struct http_response *
     ret = registry_add(a->reg, name, json_string_value(jimage), gran, err, sizeof err);
   }
   if (ret < 0) {
-    answer_registry_error(resp, ret, err, true);
-    log_server_error(req, resp);
+    api_answer_errno(resp, ret, err, true);
+    api_log_server_error(req, resp);
     goto out;
   }
   struct disk *d = registry_get(a->reg, name);
@@ -475,8 +357,8 @@ out:
 
 static void h_get(void *ctx, struct http_request *req, struct http_response *resp)
 {
-  struct disk_api *a = ctx;
-  if (!http_query_check(req, NULL, resp) || !no_body(req, resp))
+  struct api *a = ctx;
+  if (!http_query_check(req, NULL, resp) || !api_no_body(req, resp))
     return;
   struct disk *d = path_disk(a, req, resp);
   if (!d)
@@ -487,11 +369,11 @@ static void h_get(void *ctx, struct http_request *req, struct http_response *res
 
 static void h_delete(void *ctx, struct http_request *req, struct http_response *resp)
 {
-  struct disk_api *a = ctx;
+  struct api *a = ctx;
   static const char *const q[] = { "force", NULL };
   bool force = false;
   if (!http_query_check(req, q, resp) || !http_query_bool(req, "force", &force, resp) ||
-      !no_body(req, resp))
+      !api_no_body(req, resp))
     return;
   const char *name = path_name(req, resp);
   if (!name)
@@ -505,8 +387,8 @@ static void h_delete(void *ctx, struct http_request *req, struct http_response *
   char err[512];
   int ret = registry_remove(a->reg, name, force, err, sizeof err);
   if (ret < 0) {
-    answer_registry_error(resp, ret, err, false);
-    log_server_error(req, resp);
+    api_answer_errno(resp, ret, err, false);
+    api_log_server_error(req, resp);
   } else {
     /* A client that attached between the check and the removal (the disk
      * object still counts it) is ended too: no one keeps a removed disk. */
@@ -535,8 +417,8 @@ static void answer_map_error(struct http_response *resp, struct disk *d, const c
 
 static void h_dirty(void *ctx, struct http_request *req, struct http_response *resp)
 {
-  struct disk_api *a = ctx;
-  if (!http_query_check(req, NULL, resp) || !no_body(req, resp))
+  struct api *a = ctx;
+  if (!http_query_check(req, NULL, resp) || !api_no_body(req, resp))
     return;
   struct disk *d = path_disk(a, req, resp);
   if (!d)
@@ -547,20 +429,28 @@ static void h_dirty(void *ctx, struct http_request *req, struct http_response *r
     answer_map_error(resp, d, "read", ret);
   else
     http_reply(resp, 200, dirty_json(&m, disk_size(d)));
-  log_server_error(req, resp);
+  api_log_server_error(req, resp);
   free(m.words);
   disk_unref(d);
 }
 
 static void h_dirty_swap(void *ctx, struct http_request *req, struct http_response *resp)
 {
-  struct disk_api *a = ctx;
-  if (!http_query_check(req, NULL, resp) || !no_body(req, resp))
+  struct api *a = ctx;
+  if (!http_query_check(req, NULL, resp) || !api_no_body(req, resp))
     return;
   struct disk *d = path_disk(a, req, resp);
   if (!d)
     return;
   struct disk_dirty_map m = { 0 };
+  char owner[64];
+  if (disk_cbt_owner(d, owner, sizeof owner)) {
+    /* The bits a swap takes would be lost to the migration consuming them. */
+    http_error(resp, 409, "busy", "the dirty map of disk '%s' is consumed by migration %s; "
+               "it cannot be swapped meanwhile", disk_name(d), owner);
+    disk_unref(d);
+    return;
+  }
   int ret = disk_dirty_swap(d, &m);
   if (ret < 0) {
     answer_map_error(resp, d, "swap", ret);
@@ -569,7 +459,7 @@ static void h_dirty_swap(void *ctx, struct http_request *req, struct http_respon
     log_info(disk_name(d), "dirty map swapped (generation %llu taken)",
              (unsigned long long)m.generation);
   }
-  log_server_error(req, resp);
+  api_log_server_error(req, resp);
   free(m.words);
   disk_unref(d);
 }
@@ -585,13 +475,13 @@ static struct heat *disk_heat_or_error(struct disk *d, struct http_response *res
 
 static void h_heat(void *ctx, struct http_request *req, struct http_response *resp)
 {
-  struct disk_api *a = ctx;
+  struct api *a = ctx;
   static const char *const q[] = { "top", "all", NULL };
   uint64_t top = HEAT_TOP_DEFAULT;
   bool all = false;
   if (!http_query_check(req, q, resp) ||
       !http_query_uint(req, "top", 0, HEAT_MAX_REGIONS, &top, resp) ||
-      !http_query_bool(req, "all", &all, resp) || !no_body(req, resp))
+      !http_query_bool(req, "all", &all, resp) || !api_no_body(req, resp))
     return;
   struct disk *d = path_disk(a, req, resp);
   if (!d)
@@ -606,7 +496,7 @@ static void h_heat(void *ctx, struct http_request *req, struct http_response *re
   struct heat_region *regs = calloc(MAX(top, all ? nregions : 0) + 1, sizeof *regs);
   if (!regs) {
     http_error(resp, 500, "internal", "out of memory");
-    log_server_error(req, resp);
+    api_log_server_error(req, resp);
     disk_unref(d);
     return;
   }
@@ -640,11 +530,11 @@ static void iso_time(uint64_t ns, char *buf, size_t len)
 
 static void h_trace(void *ctx, struct http_request *req, struct http_response *resp)
 {
-  struct disk_api *a = ctx;
+  struct api *a = ctx;
   static const char *const q[] = { "max", NULL };
   uint64_t max = TRACE_MAX_DEFAULT;
   if (!http_query_check(req, q, resp) ||
-      !http_query_uint(req, "max", 0, HEAT_TRACE_SIZE, &max, resp) || !no_body(req, resp))
+      !http_query_uint(req, "max", 0, HEAT_TRACE_SIZE, &max, resp) || !api_no_body(req, resp))
     return;
   struct disk *d = path_disk(a, req, resp);
   if (!d)
@@ -657,7 +547,7 @@ static void h_trace(void *ctx, struct http_request *req, struct http_response *r
   struct heat_trace_entry *e = calloc(max + 1, sizeof *e);
   if (!e) {
     http_error(resp, 500, "internal", "out of memory");
-    log_server_error(req, resp);
+    api_log_server_error(req, resp);
     disk_unref(d);
     return;
   }
@@ -680,7 +570,7 @@ static void h_trace(void *ctx, struct http_request *req, struct http_response *r
 
 static void h_write_limit(void *ctx, struct http_request *req, struct http_response *resp)
 {
-  struct disk_api *a = ctx;
+  struct api *a = ctx;
   static const char *const fields[] = { "bytes_per_sec", NULL };
   if (!http_query_check(req, NULL, resp))
     return;
@@ -692,19 +582,19 @@ static void h_write_limit(void *ctx, struct http_request *req, struct http_respo
     return;
   uint64_t bps;
   json_t *v = json_object_get(body, "bytes_per_sec");
-  if (!only_fields(body, fields, resp))
+  if (!api_only_fields(body, fields, resp))
     goto out;
   if (!v) {
     http_error(resp, 400, "invalid_argument", "missing field 'bytes_per_sec'");
     goto out;
   }
-  if (!size_field(v, "bytes_per_sec", true, &bps, resp))
+  if (!api_size_field(v, "bytes_per_sec", true, &bps, resp))
     goto out;
   char err[512];
   int ret = registry_set_write_limit(a->reg, name, bps, err, sizeof err);
   if (ret < 0) {
-    answer_registry_error(resp, ret, err, false);
-    log_server_error(req, resp);
+    api_answer_errno(resp, ret, err, false);
+    api_log_server_error(req, resp);
     goto out;
   }
   struct disk *d = registry_get(a->reg, name);
@@ -718,7 +608,7 @@ out:
   json_decref(body);
 }
 
-static const struct http_route routes[] = {
+const struct http_route disk_routes[] = {
   { "GET", "/v1/health", h_health },
   { "GET", "/v1/disks", h_list },
   { "POST", "/v1/disks", h_create },
@@ -730,31 +620,4 @@ static const struct http_route routes[] = {
   { "GET", "/v1/disks/{}/trace", h_trace },
   { "PUT", "/v1/disks/{}/write-limit", h_write_limit },
 };
-
-struct disk_api *disk_api_start(const char *host_port, struct registry *reg,
-                                struct nbd_listener *nbd, char *err, size_t errlen)
-{
-  struct disk_api *a = calloc(1, sizeof *a);
-  if (!a) {
-    snprintf(err, errlen, "out of memory");
-    return NULL;
-  }
-  a->reg = reg;
-  a->nbd = nbd;
-  a->http = http_start(host_port, routes, ARRAY_SIZE(routes), a, err, errlen);
-  if (!a->http) {
-    free(a);
-    return NULL;
-  }
-  return a;
-}
-
-const char *disk_api_url(const struct disk_api *a) { return http_url(a->http); }
-
-void disk_api_stop(struct disk_api *a)
-{
-  if (!a)
-    return;
-  http_stop(a->http);
-  free(a);
-}
+const size_t disk_nroutes = sizeof disk_routes / sizeof disk_routes[0];

@@ -31,7 +31,7 @@
 #include "common/net.h"
 #include "common/util.h"
 
-#define HTTP_THREADS 2
+#define HTTP_THREADS 8     /* verify and migrate calls may take seconds */
 #define HTTP_DRAIN_SECONDS 10   /* how long http_stop waits for requests in flight */
 #define HTTP_MAX_DRAIN (64u * 1024 * 1024)  /* largest oversized body read to answer 413 */
 

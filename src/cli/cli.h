@@ -47,6 +47,38 @@ int cli_call(const struct cli *c, const char *method, const char *path, json_t *
 int cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 int cmd_disk(struct cli *c, int argc, char **argv);
+int cmd_site(struct cli *c, int argc, char **argv);
+int cmd_vm(struct cli *c, int argc, char **argv);
+int cmd_migrate(struct cli *c, int argc, char **argv);
+int cmd_migration(struct cli *c, int argc, char **argv);
+
+/* --- args.c: parsing shared by the subcommands --- */
+
+struct opt_spec {
+  const char *name;       /* long option, without "--" */
+  bool has_arg;
+  const char **value;     /* has_arg: where the value goes (the last one given) */
+  bool *flag;             /* !has_arg: set to true */
+  const char **multi;     /* has_arg and repeatable: values appended here ... */
+  unsigned *nmulti;       /* ... counted here, at most max_multi */
+  unsigned max_multi;
+};
+
+enum { PARSE_GO = 0, PARSE_HELP = -1 };
+
+/* Parses argv (argv[0] is the subcommand): options (getopt_long, --help
+ * everywhere) and between min and max positionals into pos.  Returns
+ * PARSE_GO, PARSE_HELP (usage printed: exit 0) or EXIT_USAGE (error printed). */
+int parse_args(const char *cmd, const char *usage_text, int argc, char **argv,
+               const struct opt_spec *spec, unsigned nspec, const char **pos, int min, int max,
+               int *npos);
+/* Disk/VM/site names; EXIT_OK or EXIT_USAGE (printed). */
+int check_name(const char *cmd, const char *name);
+int size_arg(const char *cmd, const char *opt, const char *s, uint64_t *out);
+int uint_arg(const char *cmd, const char *opt, const char *s, uint64_t max, uint64_t *out);
+/* Runs one request and, in table mode, hands the answer to show. */
+int call_and_show(struct cli *c, const char *method, const char *path, json_t *body,
+                  void (*show)(const json_t *answer));
 
 /* --- output.c --- */
 

@@ -16,108 +16,6 @@
 #include "common/util.h"
 #include "disk/heat.h"   /* HEAT_MAX_REGIONS, HEAT_TRACE_SIZE: the API's bounds */
 
-/* ---- argument parsing ---- */
-
-struct opt_spec {
-  const char *name;       /* long option, without "--" */
-  bool has_arg;
-  const char **value;     /* has_arg: where the value goes */
-  bool *flag;             /* !has_arg: set to true */
-};
-
-enum { PARSE_GO = 0, PARSE_HELP = -1 };
-
-/* Parses argv (argv[0] is the subcommand).  Positionals go to pos (at most
- * max, at least min).  Returns PARSE_GO, PARSE_HELP (usage printed, exit
- * 0) or EXIT_USAGE (error printed). */
-static int parse_args(const char *cmd, const char *usage_text, int argc, char **argv,
-                      const struct opt_spec *spec, unsigned nspec, const char **pos,
-                      int min, int max, int *npos)
-{
-  struct option longopts[16];
-  unsigned n = 0;
-  for (; n < nspec && n < ARRAY_SIZE(longopts) - 2; n++)
-    longopts[n] = (struct option){ spec[n].name, spec[n].has_arg ? required_argument
-                                                                 : no_argument, NULL, 256 + (int)n };
-  longopts[n++] = (struct option){ "help", no_argument, NULL, 'h' };
-  longopts[n] = (struct option){ NULL, 0, NULL, 0 };
-  bool seen[16] = { false };
-
-  optind = 0;   /* GNU: re-initialise for this argv */
-  opterr = 0;
-  int c;
-  while ((c = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
-    if (c == 'h') {
-      printf("%s", usage_text);
-      return PARSE_HELP;
-    }
-    if (c == ':')
-      return cli_usage_error(cmd, "option '%s' needs an argument", argv[optind - 1]);
-    if (c == '?')
-      return cli_usage_error(cmd, "unknown option '%s'", argv[optind - 1]);
-    unsigned i = (unsigned)c - 256;
-    if (seen[i])
-      return cli_usage_error(cmd, "option '--%s' given twice", spec[i].name);
-    seen[i] = true;
-    if (spec[i].has_arg)
-      *spec[i].value = optarg;
-    else
-      *spec[i].flag = true;
-  }
-  int k = 0;
-  for (int i = optind; i < argc; i++) {
-    if (k == max)
-      return cli_usage_error(cmd, "unexpected argument '%s'", argv[i]);
-    pos[k++] = argv[i];
-  }
-  if (k < min)
-    return cli_usage_error(cmd, "missing NAME");
-  *npos = k;
-  return PARSE_GO;
-}
-
-static int check_name(const char *cmd, const char *name)
-{
-  if (name_is_valid(name))
-    return EXIT_OK;
-  return cli_usage_error(cmd, "invalid disk name '%s': 1-64 characters of A-Z a-z 0-9 . _ -, "
-                         "not starting with '.' or '-'", name);
-}
-
-static int size_arg(const char *cmd, const char *opt, const char *s, uint64_t *out)
-{
-  if (parse_size(s, out) == 0 && *out <= (uint64_t)INT64_MAX)
-    return EXIT_OK;
-  if (errno == ERANGE || *out > (uint64_t)INT64_MAX)
-    return cli_usage_error(cmd, "%s '%s' is too large", opt, s);
-  return cli_usage_error(cmd, "bad %s '%s': expected bytes or a size such as 64K, 10G", opt, s);
-}
-
-static int uint_arg(const char *cmd, const char *opt, const char *s, uint64_t max,
-                    uint64_t *out)
-{
-  char *end;
-  errno = 0;
-  unsigned long long v = strtoull(s, &end, 10);
-  if (s[0] < '0' || s[0] > '9' || errno || *end || v > max)
-    return cli_usage_error(cmd, "bad %s '%s': expected a number from 0 to %llu", opt, s,
-                           (unsigned long long)max);
-  *out = v;
-  return EXIT_OK;
-}
-
-/* Runs one request and, in table mode, hands the answer to show. */
-static int call_and_show(struct cli *c, const char *method, const char *path, json_t *body,
-                         void (*show)(const json_t *answer))
-{
-  json_t *answer;
-  int ret = cli_call(c, method, path, body, &answer);
-  if (ret == EXIT_OK && !c->json && show)
-    show(answer);
-  json_decref(answer);
-  return ret;
-}
-
 /* ---- subcommands ---- */
 
 static void show_created(const json_t *d)
@@ -141,8 +39,8 @@ static int disk_create(struct cli *c, int argc, char **argv)
 {
   const char *size_s = NULL, *gran_s = NULL, *pos[1];
   const struct opt_spec spec[] = {
-    { "size", true, &size_s, NULL },
-    { "cbt-granularity", true, &gran_s, NULL },
+    { .name = "size", .has_arg = true, .value = &size_s },
+    { .name = "cbt-granularity", .has_arg = true, .value = &gran_s },
   };
   int npos, r = parse_args("disk create", usage_create, argc, argv, spec, ARRAY_SIZE(spec),
                            pos, 1, 1, &npos);
@@ -177,8 +75,8 @@ static int disk_add(struct cli *c, int argc, char **argv)
 {
   const char *image = NULL, *gran_s = NULL, *pos[1];
   const struct opt_spec spec[] = {
-    { "image", true, &image, NULL },
-    { "cbt-granularity", true, &gran_s, NULL },
+    { .name = "image", .has_arg = true, .value = &image },
+    { .name = "cbt-granularity", .has_arg = true, .value = &gran_s },
   };
   int npos, r = parse_args("disk add", usage_add, argc, argv, spec, ARRAY_SIZE(spec), pos, 1, 1,
                            &npos);
@@ -253,7 +151,7 @@ static int disk_rm(struct cli *c, int argc, char **argv)
 {
   const char *pos[1];
   bool force = false;
-  const struct opt_spec spec[] = { { "force", false, NULL, &force } };
+  const struct opt_spec spec[] = { { .name = "force", .flag = &force } };
   int npos, r = parse_args("disk rm", usage_rm, argc, argv, spec, ARRAY_SIZE(spec), pos, 1, 1,
                            &npos);
   if (r)
@@ -284,7 +182,7 @@ static int disk_dirty(struct cli *c, int argc, char **argv)
 {
   const char *pos[1];
   bool swap = false;
-  const struct opt_spec spec[] = { { "swap", false, NULL, &swap } };
+  const struct opt_spec spec[] = { { .name = "swap", .flag = &swap } };
   int npos, r = parse_args("disk dirty", usage_dirty, argc, argv, spec, ARRAY_SIZE(spec), pos,
                            1, 1, &npos);
   if (r)
@@ -305,7 +203,7 @@ static const char usage_heat[] =
 static int disk_heat(struct cli *c, int argc, char **argv)
 {
   const char *pos[1], *top_s = NULL;
-  const struct opt_spec spec[] = { { "top", true, &top_s, NULL } };
+  const struct opt_spec spec[] = { { .name = "top", .has_arg = true, .value = &top_s } };
   int npos, r = parse_args("disk heat", usage_heat, argc, argv, spec, ARRAY_SIZE(spec), pos, 1,
                            1, &npos);
   if (r)
@@ -328,7 +226,7 @@ static const char usage_trace[] =
 static int disk_trace(struct cli *c, int argc, char **argv)
 {
   const char *pos[1], *max_s = NULL;
-  const struct opt_spec spec[] = { { "max", true, &max_s, NULL } };
+  const struct opt_spec spec[] = { { .name = "max", .has_arg = true, .value = &max_s } };
   int npos, r = parse_args("disk trace", usage_trace, argc, argv, spec, ARRAY_SIZE(spec), pos,
                            1, 1, &npos);
   if (r)
@@ -352,7 +250,7 @@ static const char usage_limit[] =
 static int disk_limit(struct cli *c, int argc, char **argv)
 {
   const char *pos[1], *rate_s = NULL;
-  const struct opt_spec spec[] = { { "write", true, &rate_s, NULL } };
+  const struct opt_spec spec[] = { { .name = "write", .has_arg = true, .value = &rate_s } };
   int npos, r = parse_args("disk limit", usage_limit, argc, argv, spec, ARRAY_SIZE(spec), pos,
                            1, 1, &npos);
   if (r)

@@ -21,7 +21,7 @@ static void usage(FILE *f)
 {
   fprintf(f,
     "Usage: ferry [--api URL] [-o table|json] COMMAND ...\n"
-    "The ferry command line: manages the disks a ferryd serves.\n"
+    "The ferry command line: the disks, VMs and migrations of a ferryd site.\n"
     "\n"
     "Commands:\n"
     "  disk create NAME --size SIZE [--cbt-granularity SIZE]\n"
@@ -36,6 +36,21 @@ static void usage(FILE *f)
     "  disk heat NAME [--top N]    hottest regions\n"
     "  disk trace NAME [--max N]   recent sampled IOs\n"
     "  disk limit NAME --write RATE  write rate limit, e.g. 50M (per second); 0 = off\n"
+    "  site init [--name NAME]     give this site its site-link identity\n"
+    "  site show | peers           identity, paired peers\n"
+    "  site pair PEER_API_URL [--link HOST:PORT] [--peer-link HOST:PORT]\n"
+    "                              pair with another site (both ways)\n"
+    "  site pair --name N --link HOST:PORT --fingerprint sha256:HEX\n"
+    "                              pair one way from a fingerprint given out of band\n"
+    "  site unpair NAME            forget a peer\n"
+    "  vm create NAME --disk DISK [--disk DISK...] [--driver sim] [--workload SPEC]\n"
+    "                              define a VM\n"
+    "  vm list | show | start | pause | resume | stop | verify | rm NAME\n"
+    "  vm workload NAME SPEC       change a VM's workload\n"
+    "  migrate VM --to SITE [--mode live] [--max-downtime 500ms] [--rate-limit RATE]\n"
+    "          [--verify incremental|full] [--wait]\n"
+    "                              live-migrate a running VM to a paired site\n"
+    "  migration list | show ID | wait ID | set ID --rate-limit RATE | cancel ID\n"
     "  status                      daemon health\n"
     "  version                     versions of ferry and ferryd\n"
     "\n"
@@ -201,7 +216,7 @@ static int cmd_status(struct cli *c, int argc, char **argv)
   for (int i = 1; i < argc; i++) {
     if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
       printf("Usage: ferry status\nShows whether ferryd answers, its version, pid, NBD "
-             "address and number of disks.\n");
+             "address, number of disks, site name and site link address.\n");
       return EXIT_OK;
     }
     return cli_usage_error("status", "unexpected argument '%s'", argv[i]);
@@ -218,6 +233,8 @@ static int cmd_status(struct cli *c, int argc, char **argv)
   printf("pid:     %llu\n", (unsigned long long)j_u64(h, "pid"));
   printf("nbd:     %s\n", j_str(h, "nbd"));
   printf("disks:   %llu\n", (unsigned long long)j_u64(h, "disks"));
+  printf("site:    %s\n", j_str(h, "site"));
+  printf("link:    %s\n", j_str(h, "link"));
   json_decref(h);
   return EXIT_OK;
 }
@@ -369,6 +386,14 @@ int main(int argc, char **argv)
   int ret;
   if (strcmp(cmd, "disk") == 0)
     ret = cmd_disk(&c, argc - 1, argv + 1);
+  else if (strcmp(cmd, "site") == 0)
+    ret = cmd_site(&c, argc - 1, argv + 1);
+  else if (strcmp(cmd, "vm") == 0)
+    ret = cmd_vm(&c, argc - 1, argv + 1);
+  else if (strcmp(cmd, "migrate") == 0)
+    ret = cmd_migrate(&c, argc - 1, argv + 1);
+  else if (strcmp(cmd, "migration") == 0 || strcmp(cmd, "migrations") == 0)
+    ret = cmd_migration(&c, argc - 1, argv + 1);
   else if (strcmp(cmd, "status") == 0)
     ret = cmd_status(&c, argc - 1, argv + 1);
   else if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0)

@@ -329,6 +329,13 @@ void print_disk_show(const json_t *d)
           fmt_rate((double)limit, a, sizeof a), j_u64(d, "throttled_ms"));
   else
     field("write limit:", "none");
+  uint64_t bp = j_u64(d, "backpressure_limit_bps");
+  if (bp)
+    field("backpressure:", "%s (set by a migration's write backpressure)",
+          fmt_rate((double)bp, a, sizeof a));
+  const char *fence = json_string_value(json_object_get(d, "fence"));
+  field("authority:", "%s%s", fence ? "fenced, writes refused: " : "this site",
+        fence ? fence : "");
 
   const json_t *st = json_object_get(d, "stats");
   if (!json_is_object(st)) {

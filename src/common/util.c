@@ -3,6 +3,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <stdarg.h>
 #include <fcntl.h>
 #include <libgen.h>
 #include <math.h>
@@ -200,6 +201,43 @@ int fsync_parent_dir(const char *path)
   return r;
 }
 
+int write_file_atomic(const char *path, const void *buf, size_t len, mode_t mode, char *err,
+                      size_t errlen)
+{
+  char *tmp = NULL;
+  if (asprintf(&tmp, "%s.tmp", path) < 0) {
+    errno = ENOMEM;
+    if (err && errlen)
+      snprintf(err, errlen, "out of memory");
+    return -1;
+  }
+  int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+  const char *what = tmp;
+  if (fd < 0 || write_full(fd, buf, len) < 0 || fsync(fd) < 0)
+    goto fail;
+  if (close(fd) < 0) {
+    fd = -1;
+    goto fail;
+  }
+  fd = -1;
+  what = path;
+  if (rename(tmp, path) < 0 || fsync_parent_dir(path) < 0)
+    goto fail;
+  free(tmp);
+  return 0;
+fail: {
+    int e = errno ? errno : EIO;
+    if (err && errlen)
+      snprintf(err, errlen, "cannot write %s: %s", what, strerror(e));
+    if (fd >= 0)
+      close(fd);
+    unlink(tmp);
+    free(tmp);
+    errno = e;
+    return -1;
+  }
+}
+
 bool name_is_valid(const char *name)
 {
   size_t n = name ? strlen(name) : 0;
@@ -245,4 +283,13 @@ int parse_host_port(const char *s, char *host, size_t hostlen, uint16_t *port)
 bad:
   errno = EINVAL;
   return -1;
+}
+
+int fmt_into(char *buf, size_t len, const char *fmt, ...)
+{
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(buf, len, fmt, ap);
+  va_end(ap);
+  return n < 0 || (size_t)n >= len ? -1 : 0;
 }

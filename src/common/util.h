@@ -39,6 +39,18 @@ int pwrite_full(int fd, const void *buf, size_t len, off_t off);
 /* fsync the directory that holds path, so a create or rename in it is durable. */
 int fsync_parent_dir(const char *path);
 
+/* Replaces path with len bytes of buf, durably and atomically: a temp file
+ * beside it (PATH.tmp), written and fsynced, renamed over path, the directory
+ * fsynced.  A reader (or a crash) sees the old file, no file, or the whole
+ * new one.  Returns 0, or -1 with errno set and a message in err. */
+int write_file_atomic(const char *path, const void *buf, size_t len, mode_t mode, char *err,
+                      size_t errlen);
+
+/* snprintf that says whether it all fitted: 0, or -1 when buf was too small
+ * (the text is cut, NUL-terminated).  For paths and messages built from
+ * bounded parts, where a cut is an error to report or cannot happen. */
+int fmt_into(char *buf, size_t len, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
 /* Disk and export names: 1..64 chars of [A-Za-z0-9._-], not starting with '.' or '-'. */
 bool name_is_valid(const char *name);
 

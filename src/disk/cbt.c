@@ -81,6 +81,8 @@ struct cbt {
   unsigned shift;                      /* log2(granularity) */
 
   struct bitmap map;                   /* live map: exact */
+  struct bitmap retained;              /* bits taken by cbt_swap_fast since the file was
+                                          last rewritten: the file keeps holding them */
   struct bitmap nbhd;                  /* [nnb] persisted neighbourhoods */
   _Atomic uint64_t *nbhd_seq;          /* [nbhd.nwords] commit carrying the latest nbhd set */
   _Atomic uint64_t durable_seq;        /* last durable commit */
@@ -151,10 +153,11 @@ static uint64_t nbhd_word(const struct bitmap *nb, uint64_t wi)
   return out;
 }
 
-/* Bit page p (file page p + 1): the bits of bm (NULL: none) OR, when nb is
- * given, every region of the neighbourhoods set in nb. */
-static void page_build(const struct cbt *c, const struct bitmap *bm, const struct bitmap *nb,
-                       uint64_t p, unsigned char *buf)
+/* Bit page p (file page p + 1): the bits of bm (NULL: none) OR those of
+ * extra (NULL: none) OR, when nb is given, every region of the
+ * neighbourhoods set in nb. */
+static void page_build(const struct cbt *c, const struct bitmap *bm, const struct bitmap *extra,
+                       const struct bitmap *nb, uint64_t p, unsigned char *buf)
 {
   uint64_t w0 = p * PAGE_WORDS, nwords = DIV_ROUND_UP(c->nbits, 64);
   for (uint64_t i = 0; i < PAGE_WORDS; i++) {
@@ -162,6 +165,8 @@ static void page_build(const struct cbt *c, const struct bitmap *bm, const struc
     if (wi < nwords) {
       if (bm)
         w = atomic_load_explicit(&bm->words[wi], memory_order_relaxed);
+      if (extra)
+        w |= atomic_load_explicit(&extra->words[wi], memory_order_relaxed);
       if (nb)
         w |= nbhd_word(nb, wi);
       if (wi == nwords - 1 && (c->nbits & 63))
@@ -219,7 +224,7 @@ static int write_whole(struct cbt *c, int fd, uint64_t generation, const struct 
   for (uint64_t p = 0; r == 0 && p < c->npages; p += IO_PAGES) {
     uint64_t n = MIN((uint64_t)IO_PAGES, c->npages - p);
     for (uint64_t i = 0; i < n; i++)
-      page_build(c, bm, NULL, p + i, c->iobuf + i * CBT_PAGE_SIZE);
+      page_build(c, bm, NULL, NULL, p + i, c->iobuf + i * CBT_PAGE_SIZE);
     r = map_pwrite(c, fd, c->iobuf, n * CBT_PAGE_SIZE, (p + 1) * CBT_PAGE_SIZE);
   }
   if (r == 0 && in_place)
@@ -253,8 +258,8 @@ static int write_new_file(struct cbt *c, uint64_t generation, const struct bitma
   return 0;
 }
 
-/* Writes the listed bit pages (sorted): the exact map OR the persisted
- * neighbourhoods, then one fdatasync. */
+/* Writes the listed bit pages (sorted): the exact map OR the retained bits
+ * OR the persisted neighbourhoods, then one fdatasync. */
 static int write_pages(struct cbt *c, const uint64_t *pages, uint64_t n)
 {
   uint64_t i = 0;
@@ -263,7 +268,8 @@ static int write_pages(struct cbt *c, const uint64_t *pages, uint64_t n)
     while (i + run < n && run < IO_PAGES && pages[i + run] == pages[i] + run)
       run++;
     for (uint64_t k = 0; k < run; k++)
-      page_build(c, &c->map, &c->nbhd, pages[i + k], c->iobuf + k * CBT_PAGE_SIZE);
+      page_build(c, &c->map, &c->retained, &c->nbhd, pages[i + k],
+                 c->iobuf + k * CBT_PAGE_SIZE);
     int r = map_pwrite(c, c->fd, c->iobuf, run * CBT_PAGE_SIZE, (pages[i] + 1) * CBT_PAGE_SIZE);
     if (r < 0)
       return r;
@@ -546,8 +552,10 @@ int cbt_sync(struct cbt *c)
 
   pthread_mutex_lock(&c->lock);
   if (r == 0) {
-    /* The file is exact now: no neighbourhood is persisted beyond it. */
+    /* The file is exact now: no neighbourhood is persisted beyond it, and
+     * the retained bits are gone from it (cbt.h: cbt_swap_fast). */
     bitmap_clear_all(&c->nbhd);
+    bitmap_clear_all(&c->retained);
     c->hdr_coarse = false;
     atomic_store_explicit(&c->durable_seq, seq, memory_order_release);
     c->full_seq = seq;
@@ -573,6 +581,12 @@ int cbt_snapshot(struct cbt *c, struct bitmap *out)
 
 int cbt_swap(struct cbt *c, struct bitmap *out, uint64_t *new_generation)
 {
+  return cbt_swap_keep(c, out, new_generation, NULL, NULL);
+}
+
+int cbt_swap_keep(struct cbt *c, struct bitmap *out, uint64_t *new_generation,
+                  cbt_keep_fn keep, void *opaque)
+{
   if (out->nbits != c->nbits)
     return -EINVAL;
   pthread_rwlock_wrlock(&c->swap_lock);   /* writers drain; none starts */
@@ -589,20 +603,29 @@ int cbt_swap(struct cbt *c, struct bitmap *out, uint64_t *new_generation)
   uint64_t gen = atomic_load(&c->generation) + 1;
   pthread_mutex_unlock(&c->lock);
 
-  int r = write_new_file(c, gen, NULL);
+  /* Writers are excluded: every write done so far is in `out`; every later
+   * one finds both levels clear and persists its neighbourhood anew.  The
+   * keeper makes the bits durable elsewhere before the old file, which holds
+   * them until now, is replaced by a clean one. */
+  bitmap_copy(out, &c->map);
+  int r = keep ? keep(opaque, out) : 0;
+  if (r < 0)
+    log_error(c->disk_name, "cbt: the swapped-out map could not be kept (%s); "
+              "the map is unchanged", strerror(-r));
   if (r == 0) {
-    /* Writers are excluded: every write done so far is in `out`; every later
-     * one finds both levels clear and persists its neighbourhood anew. */
-    bitmap_copy(out, &c->map);
+    r = write_new_file(c, gen, NULL);
+    if (r < 0)
+      log_error(c->disk_name, "cbt: cannot write a clean map %s: %s; the map is unchanged",
+                c->tmp_path, strerror(-r));
+  }
+  if (r == 0) {
     bitmap_clear_all(&c->map);
     bitmap_clear_all(&c->nbhd);
+    bitmap_clear_all(&c->retained);
     atomic_store(&c->nset, 0);
     atomic_store(&c->generation, gen);
     if (new_generation)
       *new_generation = gen;
-  } else {
-    log_error(c->disk_name, "cbt: cannot write a clean map %s: %s; the map is unchanged",
-              c->tmp_path, strerror(-r));
   }
 
   pthread_mutex_lock(&c->lock);
@@ -619,6 +642,31 @@ int cbt_swap(struct cbt *c, struct bitmap *out, uint64_t *new_generation)
   return r;
 }
 
+int cbt_swap_fast(struct cbt *c, struct bitmap *out, uint64_t *new_generation)
+{
+  if (out->nbits != c->nbits)
+    return -EINVAL;
+  pthread_rwlock_wrlock(&c->swap_lock);   /* writers drain; none starts */
+  /* No file IO: the file keeps every bit it holds (the retained ones are
+   * ORed into every page the committer writes from now on), so it stays a
+   * superset of what was swapped out until the next full rewrite. */
+  pthread_mutex_lock(&c->lock);
+  bitmap_copy(out, &c->map);
+  for (uint64_t i = 0; i < c->map.nwords; i++) {
+    uint64_t w = atomic_exchange_explicit(&c->map.words[i], 0, memory_order_relaxed);
+    if (w)
+      atomic_fetch_or_explicit(&c->retained.words[i], w, memory_order_relaxed);
+  }
+  atomic_store(&c->nset, 0);
+  uint64_t gen = atomic_fetch_add(&c->generation, 1) + 1;
+  c->full_seq = 0;             /* the file is no longer exact: cbt_close rewrites it */
+  pthread_mutex_unlock(&c->lock);
+  pthread_rwlock_unlock(&c->swap_lock);
+  if (new_generation)
+    *new_generation = gen;
+  return 0;
+}
+
 /* ---- open ---- */
 
 static void cbt_free(struct cbt *c)
@@ -630,6 +678,7 @@ static void cbt_free(struct cbt *c)
   bitmap_free(&c->map);
   bitmap_free(&c->pending);
   bitmap_free(&c->nbhd);
+  bitmap_free(&c->retained);
   free(c->nbhd_seq);
   free(c->batch);
   free(c->iobuf);
@@ -678,6 +727,7 @@ static struct cbt *cbt_alloc(const char *path, const char *disk_name, uint64_t d
   if (!c->batch || !c->iobuf || bitmap_init(&c->map, c->nbits) < 0 ||
       bitmap_init(&c->pending, c->npages) < 0 ||
       bitmap_init(&c->nbhd, DIV_ROUND_UP(c->nbits, SPAN)) < 0 ||
+      bitmap_init(&c->retained, c->nbits) < 0 ||
       !(c->nbhd_seq = calloc(MAX(c->nbhd.nwords, 1), sizeof *c->nbhd_seq))) {
     cbt_free(c);
     return NULL;

@@ -165,6 +165,28 @@ bool cbt_ticket_done(struct cbt *c, uint64_t ticket);
  * cbt_nbits() bits (bitmap_init).  Return 0 or -errno. */
 int cbt_snapshot(struct cbt *c, struct bitmap *out);
 int cbt_swap(struct cbt *c, struct bitmap *out, uint64_t *new_generation);
+/* cbt_swap for a consumer that must not lose the swapped-out bits in a crash
+ * (the replicator): with writers excluded, after the map is copied into out
+ * and BEFORE the clean map file replaces the old one, keep(opaque, out) must
+ * make those bits durable somewhere of its own (and return 0), or return
+ * -errno, in which case the swap is abandoned and the map stays as it was.
+ * So at every instant the old map file or the keeper holds every mark.
+ * keep runs with the disk's writers stalled: it should cost one small write
+ * and sync. */
+typedef int (*cbt_keep_fn)(void *opaque, const struct bitmap *swapped_out);
+int cbt_swap_keep(struct cbt *c, struct bitmap *out, uint64_t *new_generation,
+                  cbt_keep_fn keep, void *opaque);
+/* The swap without file IO, for a consumer that swaps often (the replicator,
+ * several times a second): the exact map is copied out and cleared, but the
+ * map file is left as it is and keeps holding the swapped-out bits (they are
+ * kept in memory as "retained" and ORed into every page the committer
+ * writes), so the file stays a superset of every mark not yet made durable
+ * elsewhere, and the persisted neighbourhoods stay persisted: writers pay no
+ * new commits.  The retained bits leave the file at its next full rewrite
+ * (cbt_swap, cbt_swap_keep, cbt_sync, cbt_close): the consumer must have made
+ * them durable itself before any of those (cbt_swap_keep's keeper is the
+ * place).  After a crash the map reloads them as dirty (over-reporting). */
+int cbt_swap_fast(struct cbt *c, struct bitmap *out, uint64_t *new_generation);
 
 /* Clean shutdown: excludes writers (as cbt_swap), rewrites every bit page
  * with the exact map, fdatasyncs, then clears CBT_FLAG_COARSE in the header

@@ -62,6 +62,13 @@ struct disk {
   struct cbt *cbt;                     /* NULL: CBT off */
   struct heat *heat;                   /* NULL: heat off */
   struct throttle throttle;
+  _Atomic uint64_t limit_operator;     /* bytes/s, 0 = none (registry) */
+  _Atomic uint64_t limit_backpressure; /* bytes/s, 0 = none (a migration) */
+  pthread_mutex_t limit_lock;          /* orders updates of the two limits */
+  _Atomic bool fenced;
+  pthread_mutex_t fence_lock;          /* guards fence_reason and cbt_owner */
+  char fence_reason[160];
+  char cbt_owner[64];                  /* "" or the migration that consumes the map */
   _Atomic unsigned clients;
 
   _Atomic uint64_t errlog_last_ns;     /* rate limit of IO error lines */
@@ -153,6 +160,8 @@ static void disk_free(struct disk *d)
   if (d->be)
     d->be->ops->close(d->be);
   throttle_destroy(&d->throttle);
+  pthread_mutex_destroy(&d->limit_lock);
+  pthread_mutex_destroy(&d->fence_lock);
   pthread_cond_destroy(&d->tick_cond);
   pthread_mutex_destroy(&d->tick_lock);
   free(d->name);
@@ -191,6 +200,9 @@ struct disk *disk_open(const struct disk_config *cfg, char *err, size_t errlen)
   atomic_init(&d->refs, 1);
   d->granularity = gran;
   throttle_init(&d->throttle, cfg->write_limit_bps);
+  atomic_init(&d->limit_operator, cfg->write_limit_bps);
+  pthread_mutex_init(&d->limit_lock, NULL);
+  pthread_mutex_init(&d->fence_lock, NULL);
   pthread_mutex_init(&d->tick_lock, NULL);
   pthread_condattr_t ca;
   pthread_condattr_init(&ca);
@@ -289,12 +301,54 @@ bool disk_cbt_enabled(const struct disk *d) { return d->cbt != NULL; }
 uint64_t disk_cbt_granularity(const struct disk *d) { return d->granularity; }
 const char *disk_cbt_state(struct disk *d) { return d->cbt ? cbt_state(d->cbt) : "off"; }
 
-void disk_set_write_limit(struct disk *d, uint64_t bytes_per_sec)
+/* The throttle runs at the lower of the limits that are set. */
+static void apply_limits_locked(struct disk *d)
 {
-  throttle_set_rate(&d->throttle, bytes_per_sec);
+  uint64_t op = atomic_load(&d->limit_operator), bp = atomic_load(&d->limit_backpressure);
+  uint64_t rate = !op ? bp : !bp ? op : MIN(op, bp);
+  if (rate != throttle_rate(&d->throttle))
+    throttle_set_rate(&d->throttle, rate);
 }
 
-uint64_t disk_write_limit(const struct disk *d) { return throttle_rate(&d->throttle); }
+void disk_set_write_limit(struct disk *d, uint64_t bytes_per_sec)
+{
+  pthread_mutex_lock(&d->limit_lock);
+  atomic_store(&d->limit_operator, bytes_per_sec);
+  apply_limits_locked(d);
+  pthread_mutex_unlock(&d->limit_lock);
+}
+
+void disk_set_backpressure_limit(struct disk *d, uint64_t bytes_per_sec)
+{
+  pthread_mutex_lock(&d->limit_lock);
+  atomic_store(&d->limit_backpressure, bytes_per_sec);
+  apply_limits_locked(d);
+  pthread_mutex_unlock(&d->limit_lock);
+}
+
+uint64_t disk_write_limit(const struct disk *d) { return atomic_load(&d->limit_operator); }
+uint64_t disk_backpressure_limit(const struct disk *d)
+{
+  return atomic_load(&d->limit_backpressure);
+}
+uint64_t disk_effective_write_limit(const struct disk *d) { return throttle_rate(&d->throttle); }
+
+void disk_set_fence(struct disk *d, const char *reason)
+{
+  pthread_mutex_lock(&d->fence_lock);
+  snprintf(d->fence_reason, sizeof d->fence_reason, "%s", reason ? reason : "");
+  atomic_store(&d->fenced, reason != NULL);
+  pthread_mutex_unlock(&d->fence_lock);
+}
+
+bool disk_fenced(const struct disk *d) { return atomic_load(&d->fenced); }
+
+void disk_fence_reason(struct disk *d, char *buf, size_t len)
+{
+  pthread_mutex_lock(&d->fence_lock);
+  snprintf(buf, len, "%s", atomic_load(&d->fenced) ? d->fence_reason : "");
+  pthread_mutex_unlock(&d->fence_lock);
+}
 
 uint64_t disk_write_throttled_ns(struct disk *d)
 {
@@ -309,11 +363,12 @@ unsigned disk_clients(const struct disk *d) { return atomic_load(&d->clients); }
 
 int disk_read(struct disk *d, void *buf, uint32_t len, uint64_t off, unsigned flags)
 {
-  uint64_t t0 = d->heat ? now_ns() : 0;
+  struct heat *heat = flags & DISK_IO_REPLICA ? NULL : d->heat;   /* not the guest's IO */
+  uint64_t t0 = heat ? now_ns() : 0;
   int r = d->be->ops->pread(d->be, buf, len, off, flags & DISK_IO_NOWAIT);
   if (r == 0) {
-    if (d->heat)
-      heat_record(d->heat, IO_READ, off, len, now_ns() - t0);
+    if (heat)
+      heat_record(heat, IO_READ, off, len, now_ns() - t0);
   } else if (r != -EAGAIN) {
     log_io_error(d, "read", off, len, r);
   }
@@ -324,7 +379,12 @@ int disk_read(struct disk *d, void *buf, uint32_t len, uint64_t off, unsigned fl
 static int modify(struct disk *d, enum io_kind kind, const void *buf, uint32_t len, uint64_t off,
                   unsigned flags)
 {
-  uint64_t t0 = d->heat ? now_ns() : 0;
+  bool replica = flags & DISK_IO_REPLICA;
+  if (!replica && atomic_load_explicit(&d->fenced, memory_order_acquire))
+    return -EROFS;               /* another site is authoritative (disk.h) */
+  struct heat *heat = replica ? NULL : d->heat;
+  struct cbt *cbt = replica ? NULL : d->cbt;
+  uint64_t t0 = heat ? now_ns() : 0;
   bool nowait = flags & DISK_IO_NOWAIT;
   bool fua = flags & DISK_IO_FUA;
   uint64_t ticket = 0;
@@ -333,35 +393,35 @@ static int modify(struct disk *d, enum io_kind kind, const void *buf, uint32_t l
   if (nowait) {
     if (fua || (kind == IO_ZERO && d->be->is_block_device))
       return -EAGAIN;
-    if (d->cbt) {
-      if (!cbt_write_trybegin(d->cbt))
+    if (cbt) {
+      if (!cbt_write_trybegin(cbt))
         return -EAGAIN;                        /* a swap is running */
-      ticket = cbt_mark(d->cbt, off, len);
+      ticket = cbt_mark(cbt, off, len);
       if (ticket == CBT_TICKET_FAILED) {
-        cbt_write_end(d->cbt);
+        cbt_write_end(cbt);
         return -EIO;
       }
-      if (!cbt_ticket_done(d->cbt, ticket)) {
-        cbt_write_end(d->cbt);                 /* data untouched; commit under way */
+      if (!cbt_ticket_done(cbt, ticket)) {
+        cbt_write_end(cbt);                 /* data untouched; commit under way */
         return -EAGAIN;
       }
       ticket = 0;
     }
-    if (kind == IO_WRITE && (r = throttle_wait(&d->throttle, len, true)) < 0) {
-      if (d->cbt)
-        cbt_write_end(d->cbt);
+    if (kind == IO_WRITE && !replica && (r = throttle_wait(&d->throttle, len, true)) < 0) {
+      if (cbt)
+        cbt_write_end(cbt);
       return r;
     }
   } else {
     /* Sleep in the limiter before taking the map's lock, so a throttled
      * writer never holds up a swap. */
-    if (kind == IO_WRITE)
+    if (kind == IO_WRITE && !replica)
       throttle_wait(&d->throttle, len, false);
-    if (d->cbt) {
-      cbt_write_begin(d->cbt);
-      ticket = cbt_mark(d->cbt, off, len);
+    if (cbt) {
+      cbt_write_begin(cbt);
+      ticket = cbt_mark(cbt, off, len);
       if (ticket == CBT_TICKET_FAILED) {
-        cbt_write_end(d->cbt);
+        cbt_write_end(cbt);
         return -EIO;
       }
     }
@@ -382,20 +442,20 @@ static int modify(struct disk *d, enum io_kind kind, const void *buf, uint32_t l
     r = d->be->ops->zero(d->be, len, off, flags & DISK_IO_MAY_TRIM);
     break;
   }
-  if (d->cbt)
-    cbt_write_end(d->cbt);
+  if (cbt)
+    cbt_write_end(cbt);
   if (r == 0 && fua && kind != IO_WRITE)
     r = d->be->ops->flush(d->be);
   if (r < 0)
     log_io_error(d, op, off, len, r);
 
   if (ticket) {
-    int w = cbt_wait(d->cbt, ticket);
+    int w = cbt_wait(cbt, ticket);
     if (w < 0 && r == 0)
       r = w;           /* the map says nothing of this write: never acknowledge it */
   }
-  if (r == 0 && d->heat)
-    heat_record(d->heat, kind, off, len, now_ns() - t0);
+  if (r == 0 && heat)
+    heat_record(heat, kind, off, len, now_ns() - t0);
   return r;
 }
 
@@ -550,4 +610,41 @@ int disk_dirty_swap(struct disk *d, struct disk_dirty_map *out)
     free(words);
   bitmap_free(&bm);
   return r;
+}
+
+int disk_dirty_swap_keep(struct disk *d, int (*keep)(void *opaque, const struct bitmap *bits),
+                         void *opaque, uint64_t *new_generation)
+{
+  if (!d->cbt)
+    return -EOPNOTSUPP;
+  struct bitmap bm;
+  if (bitmap_init(&bm, cbt_nbits(d->cbt)) < 0)
+    return -ENOMEM;
+  int r = cbt_swap_keep(d->cbt, &bm, new_generation, keep, opaque);
+  bitmap_free(&bm);
+  return r;
+}
+
+int disk_dirty_swap_fast(struct disk *d, struct bitmap *bits, uint64_t *new_generation)
+{
+  if (!d->cbt)
+    return -EOPNOTSUPP;
+  return cbt_swap_fast(d->cbt, bits, new_generation);
+}
+
+void disk_set_cbt_owner(struct disk *d, const char *owner)
+{
+  pthread_mutex_lock(&d->fence_lock);
+  snprintf(d->cbt_owner, sizeof d->cbt_owner, "%s", owner ? owner : "");
+  pthread_mutex_unlock(&d->fence_lock);
+}
+
+bool disk_cbt_owner(struct disk *d, char *buf, size_t len)
+{
+  pthread_mutex_lock(&d->fence_lock);
+  bool owned = d->cbt_owner[0] != '\0';
+  if (buf && len)
+    snprintf(buf, len, "%s", d->cbt_owner);
+  pthread_mutex_unlock(&d->fence_lock);
+  return owned;
 }

@@ -23,6 +23,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common/bitmap.h"
 #include "disk/heat.h"
 
 struct disk;
@@ -62,6 +63,12 @@ uint64_t disk_allocated_bytes(struct disk *d);
                                miss, CBT commit, throttle); the caller retries
                                without it from a thread that may block */
 #define DISK_IO_MAY_TRIM 4u /* zero: holes are allowed (no NBD_CMD_FLAG_NO_HOLE) */
+#define DISK_IO_REPLICA 8u  /* ferry's own replication IO, not the guest's: reads
+                               skip heat; writes (into a disk the destination is
+                               building, fenced meanwhile) pass the fence and
+                               skip the write limit, heat and the dirty map (the
+                               map of a disk under construction means nothing
+                               until it is activated) */
 
 /* All offsets and lengths must lie inside the disk (the caller checks). */
 int disk_read(struct disk *d, void *buf, uint32_t len, uint64_t off, unsigned flags);
@@ -99,6 +106,21 @@ int disk_dirty_snapshot(struct disk *d, struct disk_dirty_map *out);
  * write acknowledged before the call is in the returned map, every write
  * that starts after it is in the new one.  The clean map is durable on return. */
 int disk_dirty_swap(struct disk *d, struct disk_dirty_map *out);
+/* The swap for a consumer that must keep the bits across a crash (the
+ * replicator): keep(opaque, bits) runs with writers stalled, after the map is
+ * taken and before the clean map file replaces the old one, and must make
+ * the bits durable itself (cbt_swap_keep).  -EOPNOTSUPP without CBT. */
+int disk_dirty_swap_keep(struct disk *d, int (*keep)(void *opaque, const struct bitmap *bits),
+                         void *opaque, uint64_t *new_generation);
+/* cbt_swap_fast: the swap without file IO (the map file keeps the bits until
+ * the next full rewrite; see cbt.h).  bits must have the map's size. */
+int disk_dirty_swap_fast(struct disk *d, struct bitmap *bits, uint64_t *new_generation);
+/* The dirty map's consumer: while a migration owns it, nobody else may swap
+ * it (`ferry disk dirty --swap` is refused), since the bits it takes would
+ * be lost to the migration.  NULL releases. */
+void disk_set_cbt_owner(struct disk *d, const char *owner);
+/* Copies the owner ("" when none); returns true if owned. */
+bool disk_cbt_owner(struct disk *d, char *buf, size_t len);
 /* "ok", "created", "recovered: <reason>" (some or all regions set dirty
  * because the map file could not vouch for them), or "off". */
 const char *disk_cbt_state(struct disk *d);
@@ -110,10 +132,26 @@ struct cbt *disk_cbt(struct disk *d);
 struct heat *disk_heat(struct disk *d);   /* NULL when heat is off */
 
 /* --- Write rate limit (write backpressure) --- */
+/* Two limits, and writes pass at the lower of those set: the operator's
+ * (persisted by the registry, `ferry disk limit`) and the one a migration's
+ * write backpressure sets while it runs (runtime only; 0 = none). */
 void disk_set_write_limit(struct disk *d, uint64_t bytes_per_sec);  /* 0 = off */
-uint64_t disk_write_limit(const struct disk *d);
+uint64_t disk_write_limit(const struct disk *d);                    /* the operator's */
+void disk_set_backpressure_limit(struct disk *d, uint64_t bytes_per_sec);  /* 0 = off */
+uint64_t disk_backpressure_limit(const struct disk *d);
+uint64_t disk_effective_write_limit(const struct disk *d);          /* what applies */
 /* Time writes have spent waiting in the limiter since the disk was opened. */
 uint64_t disk_write_throttled_ns(struct disk *d);
+
+/* --- Fence (invariant: one site is authoritative for a disk) ---
+ * A fenced disk refuses every write, trim and zero (-EROFS, NBD_EPERM) but
+ * ferry's own replica IO, and refuses new NBD clients; reads still work.  The
+ * reason ("migrated to SITE", "incoming migration ID") is shown to people.
+ * The registry persists it; this is the in-memory switch. */
+void disk_set_fence(struct disk *d, const char *reason);   /* NULL = unfence */
+bool disk_fenced(const struct disk *d);
+/* Copies the reason into buf ("" when not fenced). */
+void disk_fence_reason(struct disk *d, char *buf, size_t len);
 
 /* --- Clients --- */
 void disk_client_attach(struct disk *d);

@@ -20,10 +20,15 @@
  * ferry.lock (flock, holds the pid) keeps a second ferryd off the same data
  * directory: two daemons serving one image would each keep half the dirty map.
  *
- * Schema (PRAGMA user_version = 1):
+ * Schema (PRAGMA user_version = 2):
  *   disks(name TEXT PRIMARY KEY, image TEXT, owned INTEGER, size INTEGER,
- *         cbt_granularity INTEGER, write_limit_bps INTEGER, created_at TEXT)
- * uint64 values are stored as their int64 bit pattern.
+ *         cbt_granularity INTEGER, write_limit_bps INTEGER, created_at TEXT,
+ *         fence TEXT)
+ * uint64 values are stored as their int64 bit pattern.  fence is NULL for a
+ * disk this site is authoritative for, else why it is not (disk.h: fence).
+ * Version 1 (no fence column) is upgraded in place at open.
+ * Other modules keep their own tables in the same file (their own
+ * connections; see common/db.h), never touching this one.
  *
  * Thread model: one mutex (r->lock) guards the list and the SQLite handle;
  * functions that may be slow (disk sync, close) run outside it on references.
@@ -52,7 +57,7 @@
 #include "common/util.h"
 #include "disk/cbt.h"
 
-#define REGISTRY_SCHEMA_VERSION 1
+#define REGISTRY_SCHEMA_VERSION 2
 #define GRANULARITY_MIN (4096ull)
 #define GRANULARITY_MAX (1024ull * 1024 * 1024)
 
@@ -232,11 +237,13 @@ static int db_delete(struct registry *r, const char *name, char *err, size_t err
 }
 
 static int db_insert(struct registry *r, const char *name, const char *image, bool owned,
-                     uint64_t size, uint64_t granularity, char *err, size_t errlen)
+                     uint64_t size, uint64_t granularity, const char *fence, char *err,
+                     size_t errlen)
 {
   sqlite3_stmt *st = db_prepare(r,
-      "INSERT INTO disks (name, image, owned, size, cbt_granularity, write_limit_bps, created_at)"
-      " VALUES (?1, ?2, ?3, ?4, ?5, 0, strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))", err, errlen);
+      "INSERT INTO disks (name, image, owned, size, cbt_granularity, write_limit_bps, created_at,"
+      " fence) VALUES (?1, ?2, ?3, ?4, ?5, 0, strftime('%Y-%m-%dT%H:%M:%SZ', 'now'), ?6)",
+      err, errlen);
   if (!st)
     return -EIO;
   sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
@@ -244,6 +251,10 @@ static int db_insert(struct registry *r, const char *name, const char *image, bo
   sqlite3_bind_int(st, 3, owned);
   sqlite3_bind_int64(st, 4, (sqlite3_int64)size);
   sqlite3_bind_int64(st, 5, (sqlite3_int64)granularity);
+  if (fence)
+    sqlite3_bind_text(st, 6, fence, -1, SQLITE_STATIC);
+  else
+    sqlite3_bind_null(st, 6);
   int ret = db_step_done(r, st, "insert a disk", err, errlen);
   sqlite3_finalize(st);
   if (ret == -EEXIST)
@@ -484,14 +495,26 @@ static int open_db(struct registry *r, char *err, size_t errlen)
                 " size INTEGER NOT NULL,"
                 " cbt_granularity INTEGER NOT NULL,"
                 " write_limit_bps INTEGER NOT NULL DEFAULT 0,"
-                " created_at TEXT NOT NULL);"
-                "PRAGMA user_version = 1;"
+                " created_at TEXT NOT NULL,"
+                " fence TEXT);"
+                "PRAGMA user_version = 2;"
                 "COMMIT;", msg, sizeof msg) < 0) {
       db_exec(r->db, "ROLLBACK", msg, sizeof msg);
       set_err(err, errlen, "registry %s: cannot create the schema: %s", path, msg);
       goto fail;
     }
     log_info(NULL, "registry %s created", path);
+  } else if (version == 1) {
+    if (db_exec(r->db,
+                "BEGIN IMMEDIATE;"
+                "ALTER TABLE disks ADD COLUMN fence TEXT;"
+                "PRAGMA user_version = 2;"
+                "COMMIT;", msg, sizeof msg) < 0) {
+      db_exec(r->db, "ROLLBACK", msg, sizeof msg);
+      set_err(err, errlen, "registry %s: cannot upgrade the schema to version 2: %s", path, msg);
+      goto fail;
+    }
+    log_info(NULL, "registry %s upgraded to schema version 2", path);
   } else if (version != REGISTRY_SCHEMA_VERSION) {
     set_err(err, errlen,
             "registry %s has schema version %d; this ferryd knows version %d "
@@ -515,7 +538,7 @@ fail:
 static int load_disks(struct registry *r, char *err, size_t errlen)
 {
   sqlite3_stmt *st = db_prepare(r,
-      "SELECT name, image, owned, size, cbt_granularity, write_limit_bps FROM disks"
+      "SELECT name, image, owned, size, cbt_granularity, write_limit_bps, fence FROM disks"
       " ORDER BY name", err, errlen);
   if (!st)
     return -1;
@@ -527,6 +550,7 @@ static int load_disks(struct registry *r, char *err, size_t errlen)
     uint64_t size = (uint64_t)sqlite3_column_int64(st, 3);
     uint64_t gran = (uint64_t)sqlite3_column_int64(st, 4);
     uint64_t limit = (uint64_t)sqlite3_column_int64(st, 5);
+    const char *fence = (const char *)sqlite3_column_text(st, 6);
     if (!name || !image || !name_is_valid(name)) {
       log_error(NULL, "registry: skipping a row with a bad name or image");
       continue;
@@ -538,6 +562,8 @@ static int load_disks(struct registry *r, char *err, size_t errlen)
                 derr, name);
       continue;
     }
+    if (fence)
+      disk_set_fence(d, fence);
     if (disk_size(d) != size)
       log_warn(name, "image size changed from %llu to %llu bytes", (unsigned long long)size,
                (unsigned long long)disk_size(d));
@@ -547,7 +573,8 @@ static int load_disks(struct registry *r, char *err, size_t errlen)
       sqlite3_finalize(st);
       return -1;
     }
-    log_info(name, "opened %s (%llu bytes)", image, (unsigned long long)disk_size(d));
+    log_info(name, "opened %s (%llu bytes)%s%s", image, (unsigned long long)disk_size(d),
+             fence ? "; fenced: " : "", fence ? fence : "");
   }
   if (rc != SQLITE_DONE) {
     set_err(err, errlen, "registry %s/ferry.db: cannot read disks: %s", r->data_dir,
@@ -605,6 +632,12 @@ void registry_close(struct registry *r)
 int registry_create(struct registry *r, const char *name, uint64_t size,
                     uint64_t cbt_granularity, char *err, size_t errlen)
 {
+  return registry_create_ex(r, name, size, cbt_granularity, NULL, err, errlen);
+}
+
+int registry_create_ex(struct registry *r, const char *name, uint64_t size,
+                       uint64_t cbt_granularity, const char *fence, char *err, size_t errlen)
+{
   int ret = check_name(name, err, errlen);
   if (ret < 0)
     return ret;
@@ -637,11 +670,13 @@ int registry_create(struct registry *r, const char *name, uint64_t size,
   }
   if ((ret = create_image(image, size, err, errlen)) < 0)
     goto out;
-  if ((ret = db_insert(r, name, image, true, size, cbt_granularity, err, errlen)) < 0) {
+  if ((ret = db_insert(r, name, image, true, size, cbt_granularity, fence, err, errlen)) < 0) {
     unlink_logged(image, name);
     goto out;
   }
   struct disk *d = open_disk(r, name, image, cbt_granularity, 0, true, err, errlen);
+  if (d && fence)
+    disk_set_fence(d, fence);
   if (!d || insert_entry(r, name, true, d) < 0) {
     /* Undo in reverse order; nothing of the new disk stays. */
     char e2[256];
@@ -658,8 +693,9 @@ int registry_create(struct registry *r, const char *name, uint64_t size,
     ret = -EIO;
     goto out;
   }
-  log_info(name, "created %s (%llu bytes, cbt granularity %llu)", image,
-           (unsigned long long)size, (unsigned long long)cbt_granularity);
+  log_info(name, "created %s (%llu bytes, cbt granularity %llu)%s%s", image,
+           (unsigned long long)size, (unsigned long long)cbt_granularity,
+           fence ? "; fenced: " : "", fence ? fence : "");
   ret = 0;
 out:
   pthread_mutex_unlock(&r->lock);
@@ -725,7 +761,7 @@ int registry_add(struct registry *r, const char *name, const char *image_path,
     ret = -EIO;
     goto out;
   }
-  if ((ret = db_insert(r, name, image_path, false, disk_size(d), cbt_granularity, err,
+  if ((ret = db_insert(r, name, image_path, false, disk_size(d), cbt_granularity, NULL, err,
                        errlen)) < 0 ||
       (ret = insert_entry(r, name, false, d)) < 0) {
     if (ret == -ENOMEM) {
@@ -887,6 +923,47 @@ out:
   pthread_mutex_unlock(&r->lock);
   return ret;
 }
+
+int registry_set_fence(struct registry *r, const char *name, const char *reason, char *err,
+                       size_t errlen)
+{
+  pthread_mutex_lock(&r->lock);
+  struct registry_entry *e = find_entry(r, name, NULL);
+  int ret;
+  if (!e) {
+    set_err(err, errlen, "disk '%s' does not exist", name ? name : "");
+    ret = -ENOENT;
+    goto out;
+  }
+  /* Fencing persists before it takes effect, unfencing takes effect after
+   * it persists: a crash in between leaves the disk fenced, never two sites
+   * writable. */
+  if (reason)
+    disk_set_fence(e->disk, reason);
+  sqlite3_stmt *st = db_prepare(r, "UPDATE disks SET fence = ?1 WHERE name = ?2", err, errlen);
+  if (!st) {
+    ret = -EIO;
+    goto out;
+  }
+  if (reason)
+    sqlite3_bind_text(st, 1, reason, -1, SQLITE_STATIC);
+  else
+    sqlite3_bind_null(st, 1);
+  sqlite3_bind_text(st, 2, name, -1, SQLITE_STATIC);
+  ret = db_step_done(r, st, "store the fence", err, errlen);
+  sqlite3_finalize(st);
+  if (ret == 0) {
+    if (!reason)
+      disk_set_fence(e->disk, NULL);
+    log_info(name, "%s%s", reason ? "fenced: " : "unfenced: this site is authoritative",
+             reason ? reason : "");
+  }
+out:
+  pthread_mutex_unlock(&r->lock);
+  return ret;
+}
+
+const char *registry_data_dir(const struct registry *r) { return r->data_dir; }
 
 void registry_sync_all(struct registry *r)
 {

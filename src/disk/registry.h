@@ -36,6 +36,10 @@ void registry_close(struct registry *r);  /* syncs and unrefs every disk */
  *   or image, -EBUSY clients connected (rm without force), other -errno I/O. */
 int registry_create(struct registry *r, const char *name, uint64_t size,
                     uint64_t cbt_granularity, char *err, size_t errlen);
+/* registry_create for a disk this site is not authoritative for yet: it is
+ * created fenced with the reason given (an incoming migration's target). */
+int registry_create_ex(struct registry *r, const char *name, uint64_t size,
+                       uint64_t cbt_granularity, const char *fence, char *err, size_t errlen);
 int registry_add(struct registry *r, const char *name, const char *image_path,
                  uint64_t cbt_granularity, char *err, size_t errlen);
 /* Removes the disk from the registry and closes it; deletes its CBT map and,
@@ -51,6 +55,13 @@ bool registry_owns_image(struct registry *r, const char *name);
 /* Persists a disk's write limit so it survives a restart. */
 int registry_set_write_limit(struct registry *r, const char *name, uint64_t bps,
                              char *err, size_t errlen);
+/* Fences (reason != NULL) or unfences a disk, persisted (disk.h: fence).
+ * A fence is in force before the call returns, and an unfence only once it
+ * is durable. */
+int registry_set_fence(struct registry *r, const char *name, const char *reason, char *err,
+                       size_t errlen);
+/* The data directory (absolute). */
+const char *registry_data_dir(const struct registry *r);
 /* disk_sync_all on every disk. */
 void registry_sync_all(struct registry *r);
 

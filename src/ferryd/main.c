@@ -18,6 +18,7 @@
 #include <fcntl.h>
 #include <getopt.h>
 #include <limits.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -27,15 +28,22 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "api/disk_api.h"
+#include "api/api.h"
 #include "api/http.h"
+#include "common/db.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "disk/registry.h"
 #include "ferryd/nbd_glue.h"
+#include "link/link.h"
+#include "replicate/migration.h"
+#include "site/site.h"
+#include "vm/vm.h"
 
 #define DEFAULT_DATA_DIR "./ferry-data"
 #define DEFAULT_API "127.0.0.1:7450"
+#define DEFAULT_LINK "127.0.0.1:7451"
+#define LINK_HANDSHAKE_MS 10000
 #define DEFAULT_WORKERS 4
 #define MAX_WORKERS 256
 
@@ -43,6 +51,9 @@ struct options {
   const char *data_dir;
   const char *api;
   const char *nbd;            /* NULL: unix:DATA_DIR/nbd.sock */
+  const char *link;           /* site link listener, NULL: off */
+  const char *link_advertise; /* what peers dial, NULL: the bound address */
+  const char *simvm;          /* the sim VM program, NULL: beside ferryd */
   unsigned workers;
   enum log_level log_level;
   bool cbt, heat;
@@ -61,6 +72,15 @@ static void usage(FILE *f)
     "  --nbd unix:PATH|HOST:PORT\n"
     "                          NBD listener; port 0 picks a free port\n"
     "                          [unix:DIR/nbd.sock]\n"
+    "  --link HOST:PORT        site link listener (TLS, for migrations); port 0 picks\n"
+    "                          a free port; it listens once the site has an identity\n"
+    "                          (`ferry site init`) [" DEFAULT_LINK "]\n"
+    "  --link-advertise HOST:PORT\n"
+    "                          the link address peers should dial, when it is not the\n"
+    "                          one bound (NAT, a WAN proxy, 0.0.0.0) [the bound one]\n"
+    "  --no-link               no site link listener: this site cannot receive\n"
+    "                          migrations (it can still send them)\n"
+    "  --simvm PATH            the simulated VM program [ferry-simvm beside ferryd]\n"
     "  --workers N             helper threads per NBD connection for requests that\n"
     "                          may block, 0-%d [%d]\n"
     "  --log-level LEVEL       error, warn, info or debug [info]\n"
@@ -71,8 +91,10 @@ static void usage(FILE *f)
     "  -h, --help              this help\n"
     "  -V, --version           version\n"
     "\n"
-    "When ready, ferryd writes DIR/ferryd.json ({\"pid\", \"api\", \"nbd\"}) and logs\n"
-    "\"ready\".  SIGTERM, SIGINT or SIGHUP: stop accepting, finish requests in\n"
+    "When ready, ferryd writes DIR/ferryd.json ({\"pid\", \"api\", \"nbd\", \"link\"})\n"
+    "and logs \"ready\".  VMs it starts run on when ferryd stops, and are adopted\n"
+    "again by the next ferryd; migrations in progress resume.\n"
+    "SIGTERM, SIGINT or SIGHUP: stop accepting, finish requests in\n"
     "flight, sync every disk and dirty map, remove ferryd.json, exit 0.\n"
     "Exit status: 0 after a clean stop, 1 if ferryd could not start, 2 on bad\n"
     "options.\n",
@@ -94,7 +116,7 @@ static void usage_error(const char *fmt, ...)
 static void parse_args(int argc, char **argv, struct options *o)
 {
   enum { OPT_DATA_DIR = 256, OPT_API, OPT_NBD, OPT_WORKERS, OPT_LOG_LEVEL, OPT_NO_CBT,
-         OPT_NO_HEAT };
+         OPT_NO_HEAT, OPT_LINK, OPT_LINK_ADVERTISE, OPT_NO_LINK, OPT_SIMVM };
   static const struct option longopts[] = {
     { "data-dir", required_argument, NULL, OPT_DATA_DIR },
     { "api", required_argument, NULL, OPT_API },
@@ -103,13 +125,17 @@ static void parse_args(int argc, char **argv, struct options *o)
     { "log-level", required_argument, NULL, OPT_LOG_LEVEL },
     { "no-cbt", no_argument, NULL, OPT_NO_CBT },
     { "no-heat", no_argument, NULL, OPT_NO_HEAT },
+    { "link", required_argument, NULL, OPT_LINK },
+    { "link-advertise", required_argument, NULL, OPT_LINK_ADVERTISE },
+    { "no-link", no_argument, NULL, OPT_NO_LINK },
+    { "simvm", required_argument, NULL, OPT_SIMVM },
     { "help", no_argument, NULL, 'h' },
     { "version", no_argument, NULL, 'V' },
     { NULL, 0, NULL, 0 },
   };
   *o = (struct options){ .data_dir = DEFAULT_DATA_DIR, .api = DEFAULT_API,
                          .workers = DEFAULT_WORKERS, .log_level = LOG_INFO,
-                         .cbt = true, .heat = true };
+                         .cbt = true, .heat = true, .link = DEFAULT_LINK };
   opterr = 0;   /* our own messages */
   int c;
   while ((c = getopt_long(argc, argv, ":hV", longopts, NULL)) != -1) {
@@ -157,6 +183,28 @@ static void parse_args(int argc, char **argv, struct options *o)
       break;
     case OPT_NO_HEAT:
       o->heat = false;
+      break;
+    case OPT_LINK:
+    case OPT_LINK_ADVERTISE: {
+      char host[256];
+      uint16_t port;
+      if (parse_host_port(optarg, host, sizeof host, &port) < 0 ||
+          (c == OPT_LINK_ADVERTISE && port == 0))
+        usage_error("bad --%s address '%s': expected HOST:PORT or [IPV6]:PORT",
+                    c == OPT_LINK ? "link" : "link-advertise", optarg);
+      if (c == OPT_LINK)
+        o->link = optarg;
+      else
+        o->link_advertise = optarg;
+      break;
+    }
+    case OPT_NO_LINK:
+      o->link = NULL;
+      break;
+    case OPT_SIMVM:
+      if (!optarg[0])
+        usage_error("--simvm needs a program path");
+      o->simvm = optarg;
       break;
     case 'h':
       usage(stdout);
@@ -207,41 +255,116 @@ static int make_dirs(const char *path, char *err, size_t errlen)
 /* Writes DIR/ferryd.json by temp file + fsync + rename + dir fsync, so a
  * reader sees the old file, no file or the whole new one. */
 static int write_state_file(const char *dir, const char *api_url, const char *nbd_addr,
-                            char *err, size_t errlen)
+                            const char *link_addr, char *err, size_t errlen)
 {
   json_t *doc = json_pack("{s:I, s:s, s:s}", "pid", (json_int_t)getpid(), "api", api_url,
                           "nbd", nbd_addr);
+  json_object_set_new(doc, "link", link_addr && link_addr[0] ? json_string(link_addr)
+                                                             : json_null());
   char *text = doc ? json_dumps(doc, JSON_INDENT(2)) : NULL;
   json_decref(doc);
-  char *tmp = NULL, *path = NULL;
-  int ret = -1, fd = -1;
-  if (!text || asprintf(&tmp, "%s/.ferryd.json.tmp", dir) < 0 ||
-      asprintf(&path, "%s/ferryd.json", dir) < 0) {
+  char *path = NULL, *full = NULL;
+  int ret = -1;
+  if (!text || asprintf(&path, "%s/ferryd.json", dir) < 0 || asprintf(&full, "%s\n", text) < 0)
     snprintf(err, errlen, "out of memory");
-    goto out;
-  }
-  fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0 || write_full(fd, text, strlen(text)) < 0 || write_full(fd, "\n", 1) < 0 ||
-      fsync(fd) < 0) {
-    snprintf(err, errlen, "cannot write %s: %s", tmp, strerror(errno));
-    goto out;
-  }
-  close(fd);
-  fd = -1;
-  if (rename(tmp, path) < 0 || fsync_parent_dir(path) < 0) {
-    snprintf(err, errlen, "cannot write %s: %s", path, strerror(errno));
-    goto out;
-  }
-  ret = 0;
-out:
-  if (fd >= 0)
-    close(fd);
-  if (ret < 0 && tmp)
-    unlink(tmp);
+  else
+    ret = write_file_atomic(path, full, strlen(full), 0644, err, errlen);
   free(text);
-  free(tmp);
+  free(full);
   free(path);
   return ret;
+}
+
+/* What main() starts, for the callbacks that need it. */
+struct daemon {
+  const struct options *opt;
+  const char *data_dir;
+  struct registry *reg;
+  struct db *db;
+  struct site *site;
+  struct nbd_listener *nbd;
+  struct vm_manager *vms;
+  struct migrations *mig;
+  struct api api;
+  bool api_started;
+  pthread_mutex_t lock;       /* guards link, stopping */
+  struct link_listener *link;
+  bool stopping;
+};
+
+/* The sim VM program: --simvm, else ferry-simvm beside this executable,
+ * else whatever PATH finds at start time. */
+static void find_simvm(const char *given, char *out, size_t len)
+{
+  if (given) {
+    snprintf(out, len, "%s", given);
+    return;
+  }
+  char self[PATH_MAX - 16];
+  ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+  if (n > 0) {
+    self[n] = '\0';
+    char *slash = strrchr(self, '/');
+    if (slash) {
+      *slash = '\0';
+      snprintf(out, len, "%s/ferry-simvm", self);
+      if (access(out, X_OK) == 0)
+        return;
+    }
+  }
+  const char *path = getenv("PATH");
+  char *copy = strdup(path ? path : "/usr/local/bin:/usr/bin:/bin"), *save = NULL;
+  for (char *d = strtok_r(copy, ":", &save); d; d = strtok_r(NULL, ":", &save)) {
+    snprintf(out, len, "%s/ferry-simvm", d);
+    if (access(out, X_OK) == 0) {
+      free(copy);
+      return;
+    }
+  }
+  free(copy);
+  snprintf(out, len, "ferry-simvm");
+}
+
+static int publish(struct daemon *dm, char *err, size_t errlen)
+{
+  char link[256];
+  site_link_address(dm->site, link, sizeof link);
+  return write_state_file(dm->data_dir, api_url(&dm->api), nbd_listener_address(dm->nbd), link,
+                          err, errlen);
+}
+
+/* Starts the site link listener (once the site has an identity). */
+static int start_link(struct daemon *dm, char *err, size_t errlen)
+{
+  if (!dm->opt->link)
+    return 0;
+  pthread_mutex_lock(&dm->lock);
+  int r = 0;
+  if (!dm->link && !dm->stopping) {
+    dm->link = link_listener_start(site_identity(dm->site), dm->opt->link, site_trust, dm->site,
+                                   migrations_serve_conn, dm->mig, LINK_HANDSHAKE_MS, err,
+                                   errlen);
+    if (!dm->link) {
+      r = -1;
+    } else {
+      const char *addr = dm->opt->link_advertise ? dm->opt->link_advertise
+                                                 : link_listener_address(dm->link);
+      site_set_link_address(dm->site, addr);
+      log_info(NULL, "site link listening on %s%s%s", link_listener_address(dm->link),
+               dm->opt->link_advertise ? ", advertised as " : "",
+               dm->opt->link_advertise ? dm->opt->link_advertise : "");
+    }
+  }
+  pthread_mutex_unlock(&dm->lock);
+  return r;
+}
+
+static int on_site_init(void *opaque, char *err, size_t errlen)
+{
+  struct daemon *dm = opaque;
+  if (start_link(dm, err, errlen) < 0)
+    return -1;
+  return dm->api_started ? publish(dm, err, errlen) : 0;
 }
 
 int main(int argc, char **argv)
@@ -288,34 +411,56 @@ int main(int argc, char **argv)
 
   log_info(NULL, "ferryd %s starting: data dir %s%s%s", FERRY_VERSION, data_dir,
            o.cbt ? "" : ", CBT OFF", o.heat ? "" : ", heat OFF");
+  const char *corrupt = getenv("FERRY_TEST_CORRUPT_FRAMES");
+  if (corrupt && atoi(corrupt) > 0) {
+    link_test_corrupt_every((unsigned)atoi(corrupt));
+    log_warn(NULL, "TEST MODE: every %d-th link frame sent gets a bit flipped", atoi(corrupt));
+  }
+  char simvm[PATH_MAX];
+  find_simvm(o.simvm, simvm, sizeof simvm);
+
+  struct daemon dm = { .opt = &o, .data_dir = data_dir, .lock = PTHREAD_MUTEX_INITIALIZER };
   struct registry_options ropt = { .cbt_enabled = o.cbt, .heat_enabled = o.heat };
-  struct registry *reg = registry_open(data_dir, &ropt, err, sizeof err);
-  if (!reg) {
+  int rc = 1;
+  if (!(dm.reg = registry_open(data_dir, &ropt, err, sizeof err)) ||
+      !(dm.db = db_open(data_dir, err, sizeof err)) ||
+      !(dm.site = site_open(data_dir, dm.db, err, sizeof err)) ||
+      !(dm.nbd = nbd_listener_start(dm.reg, nbd_spec, o.workers, err, sizeof err))) {
     log_error(NULL, "%s", err);
-    return 1;
+    goto out;
   }
-  struct nbd_listener *nbd = nbd_listener_start(reg, nbd_spec, o.workers, err, sizeof err);
-  if (!nbd) {
+  struct vm_manager_options vopt = { .simvm_path = simvm };
+  if (!(dm.vms = vm_manager_open(data_dir, dm.db, dm.reg, dm.nbd, &vopt, err, sizeof err))) {
     log_error(NULL, "%s", err);
-    registry_close(reg);
-    return 1;
+    goto out;
   }
-  struct disk_api *api = disk_api_start(o.api, reg, nbd, err, sizeof err);
-  if (!api) {
+  struct migration_deps mdeps = { .data_dir = data_dir, .db = dm.db, .reg = dm.reg,
+                                  .site = dm.site, .vms = dm.vms };
+  if (!(dm.mig = migrations_open(&mdeps, err, sizeof err))) {
     log_error(NULL, "%s", err);
-    nbd_listener_stop(nbd);
-    registry_close(reg);
-    return 1;
+    goto out;
   }
-  if (write_state_file(data_dir, disk_api_url(api), nbd_listener_address(nbd), err,
-                       sizeof err) < 0) {
+  if (site_has_identity(dm.site) && start_link(&dm, err, sizeof err) < 0) {
     log_error(NULL, "%s", err);
-    disk_api_stop(api);
-    nbd_listener_stop(nbd);
-    registry_close(reg);
-    return 1;
+    goto out;
   }
-  log_info(NULL, "ready: api %s, nbd %s", disk_api_url(api), nbd_listener_address(nbd));
+  migrations_resume_all(dm.mig);
+  dm.api = (struct api){ .reg = dm.reg, .nbd = dm.nbd, .site = dm.site, .vms = dm.vms,
+                         .migrations = dm.mig, .on_site_init = on_site_init,
+                         .on_site_init_opaque = &dm };
+  if (api_start(&dm.api, o.api, err, sizeof err) < 0) {
+    log_error(NULL, "%s", err);
+    goto out;
+  }
+  dm.api_started = true;
+  if (publish(&dm, err, sizeof err) < 0) {
+    log_error(NULL, "%s", err);
+    goto out;
+  }
+  char link[256];
+  site_link_address(dm.site, link, sizeof link);
+  log_info(NULL, "ready: api %s, nbd %s, link %s", api_url(&dm.api), nbd_listener_address(dm.nbd),
+           link[0] ? link : o.link ? "(after `ferry site init`)" : "off");
 
   int sig = 0;
   for (;;) {
@@ -328,17 +473,37 @@ int main(int argc, char **argv)
     }
   }
   log_info(NULL, "%s: shutting down", sig ? strsignal(sig) : "stop");
+  rc = 0;
 
-  disk_api_stop(api);
-  nbd_listener_stop(nbd);
-  registry_close(reg);
+out:
+  /* Backwards: no API request during the drain; destination sessions end;
+   * source migrations persist and stop; VM processes run on; NBD clients are
+   * answered and let go; disks and maps are synced. */
+  if (dm.api_started)
+    api_stop(&dm.api);
+  pthread_mutex_lock(&dm.lock);
+  struct link_listener *ll = dm.link;
+  dm.link = NULL;
+  dm.stopping = true;
+  pthread_mutex_unlock(&dm.lock);
+  if (ll)
+    link_listener_stop(ll);
+  migrations_close(dm.mig);
+  vm_manager_close(dm.vms);
+  if (dm.nbd)
+    nbd_listener_stop(dm.nbd);
+  registry_close(dm.reg);
+  site_close(dm.site);
+  db_close(dm.db);
 
-  char state[PATH_MAX + 16];
-  snprintf(state, sizeof state, "%s/ferryd.json", data_dir);
-  if (unlink(state) < 0 && errno != ENOENT)
-    log_warn(NULL, "cannot remove %s: %s", state, strerror(errno));
-  else
-    fsync_parent_dir(state);
-  log_info(NULL, "stopped");
-  return 0;
+  if (rc == 0) {
+    char state[PATH_MAX + 16];
+    snprintf(state, sizeof state, "%s/ferryd.json", data_dir);
+    if (unlink(state) < 0 && errno != ENOENT)
+      log_warn(NULL, "cannot remove %s: %s", state, strerror(errno));
+    else
+      fsync_parent_dir(state);
+    log_info(NULL, "stopped");
+  }
+  return rc;
 }

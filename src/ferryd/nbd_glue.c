@@ -70,7 +70,16 @@ static const char *const meta_contexts[] = { "base:allocation", "ferry:dirty" };
 static void *export_open(void *ctx, const char *name)
 {
   struct nbd_listener *l = ctx;
-  return registry_get(l->reg, name);
+  struct disk *d = registry_get(l->reg, name);
+  if (d && disk_fenced(d)) {
+    /* Another site is authoritative (or will be): no new client may attach. */
+    char why[160];
+    disk_fence_reason(d, why, sizeof why);
+    log_warn(name, "NBD client refused: the disk is fenced (%s)", why);
+    disk_unref(d);
+    return NULL;
+  }
+  return d;
 }
 
 static void export_close(void *h) { disk_unref(h); }

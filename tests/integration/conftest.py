@@ -89,6 +89,7 @@ class Ferryd:
         self.info = None
         self.api_url = None
         self.nbd_addr = None
+        self.env = None            # extra environment variables for the daemon
 
     # --- life cycle -------------------------------------------------------
     def start(self, extra_args=None, timeout=START_TIMEOUT):
@@ -99,6 +100,7 @@ class Ferryd:
         self.log_path = self.tmp / f"ferryd-{self.incarnation}.log"
         nbd = f"unix:{self.sock}" if self.transport == "unix" else "127.0.0.1:0"
         args = [str(FERRYD), "--data-dir", str(self.data_dir), "--api", "127.0.0.1:0",
+                "--link", "127.0.0.1:0",
                 "--nbd", nbd, "--log-level", "debug"]
         args += self.extra_args if extra_args is None else list(extra_args)
         ready = self.data_dir / "ferryd.json"
@@ -106,8 +108,9 @@ class Ferryd:
         if ready.exists():
             ready.unlink()
         log = open(self.log_path, "w")
+        env = {**os.environ, **self.env} if self.env else None
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=self.tmp)
+                                     stdin=subprocess.DEVNULL, cwd=self.tmp, env=env)
         log.close()
         deadline = time.monotonic() + timeout
         while True:

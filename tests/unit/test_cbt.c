@@ -9,7 +9,8 @@
  *     page: exactly that page's regions dirty; truncated file; mismatched
  *     granularity or size; a map flagged by cbt_invalidate; a missing map
  *   - swap under concurrent writers: every write lands in exactly one map, on
- *     the right side of each swap
+ *     the right side of each swap; swap_fast (no IO: the file keeps the bits
+ *     until a full write) and swap_keep (its keeper runs first, may refuse)
  *   - fail mode: a map write error fails the waiters with -EIO, removes the
  *     file, refuses new marks; sync/swap leave it
  * Each test works in its own temporary directory. */
@@ -608,6 +609,102 @@ static void test_swap_durable(void)
   cbt_close(c);
 }
 
+/* cbt_swap_fast takes the bits without file IO: the file keeps holding them
+ * (a crash reloads them: over-reporting, never under), the persisted
+ * neighbourhoods stay persisted (no new commit for writes there), and the
+ * next full write (sync) makes the file exact again. */
+static void test_swap_fast(void)
+{
+  printf("swap_fast: no IO; the file keeps the swapped bits until the next full write\n");
+  char path[300];
+  path_of(path, sizeof path, "swapf.cbt");
+  const uint64_t nbits = 2 * PB;
+  struct cbt *c = open_map(path, nbits * G, G, CBT_OPEN_NEW);
+  CHECK(mark_wait(c, 5 * G, 1) == 0);
+  CHECK(mark_wait(c, (PB + 3) * G, 1) == 0);
+  uint64_t commits = cbt_commit_count(c);
+  struct bitmap out;
+  bitmap_init(&out, nbits);
+  uint64_t gen = 0;
+  CHECK(cbt_swap_fast(c, &out, &gen) == 0 && gen == 1);
+  CHECK(bitmap_count(&out) == 2 && bitmap_test(&out, 5) && bitmap_test(&out, PB + 3));
+  CHECK(cbt_dirty_count(c) == 0 && cbt_generation(c) == 1);
+  CHECK(cbt_commit_count(c) == commits);             /* no IO at all */
+  /* A write in a neighbourhood already persisted needs no commit. */
+  CHECK(mark_wait(c, 6 * G, 1) == 0);
+  CHECK(cbt_commit_count(c) == commits);
+  CHECK(cbt_dirty_count(c) == 1);
+  /* A write elsewhere commits a page: the retained bits stay in it. */
+  CHECK(mark_wait(c, (PB + 1000) * G, 1) == 0);
+  CHECK(cbt_commit_count(c) > commits);
+  struct cbt *r = open_map(path, nbits * G, G, 0);    /* a crash now */
+  CHECK(bitmap_test(cbt_bitmap(r), 5) && bitmap_test(cbt_bitmap(r), 6));
+  CHECK(bitmap_test(cbt_bitmap(r), PB + 3) && bitmap_test(cbt_bitmap(r), PB + 1000));
+  cbt_close(r);
+  /* A clean sync writes the exact map only: what swap_fast took is gone
+   * from the file (its consumer had to keep it). */
+  CHECK(cbt_sync(c) == 0);
+  r = open_map(path, nbits * G, G, 0);
+  CHECK(strcmp(cbt_state(r), "ok") == 0);
+  CHECK(cbt_dirty_count(r) == 2);
+  CHECK(bitmap_test(cbt_bitmap(r), 6) && bitmap_test(cbt_bitmap(r), PB + 1000));
+  CHECK(!bitmap_test(cbt_bitmap(r), 5) && !bitmap_test(cbt_bitmap(r), PB + 3));
+  cbt_close(r);
+  /* And a close right after a fast swap rewrites the file (it is not exact). */
+  CHECK(cbt_swap_fast(c, &out, &gen) == 0 && bitmap_count(&out) == 2);
+  cbt_close(c);
+  r = open_map(path, nbits * G, G, 0);
+  CHECK(strcmp(cbt_state(r), "ok") == 0 && cbt_dirty_count(r) == 0);
+  cbt_close(r);
+  bitmap_free(&out);
+}
+
+struct keeper {
+  int result;
+  uint64_t seen;
+  bool file_still_holds;          /* the old file held the bits while keep ran */
+  const char *path;
+};
+
+static int keep_cb(void *opaque, const struct bitmap *bits)
+{
+  struct keeper *k = opaque;
+  k->seen = bitmap_count(bits);
+  char err[256];
+  struct cbt *r = cbt_open_ex(k->path, "test", 2 * PB * G, G, 0, err, sizeof err);
+  k->file_still_holds = r && bitmap_test(cbt_bitmap(r), 9);
+  cbt_close(r);
+  return k->result;
+}
+
+/* cbt_swap_keep: the keeper runs before the old file is replaced, and a
+ * keeper that fails leaves the map as it was. */
+static void test_swap_keep(void)
+{
+  printf("swap_keep: the keeper runs before the clean file replaces the old one\n");
+  char path[300];
+  path_of(path, sizeof path, "swapk.cbt");
+  const uint64_t nbits = 2 * PB;
+  struct cbt *c = open_map(path, nbits * G, G, CBT_OPEN_NEW);
+  CHECK(mark_wait(c, 9 * G, 1) == 0);
+  struct bitmap out;
+  bitmap_init(&out, nbits);
+  struct keeper k = { .result = -EIO, .path = path };
+  uint64_t gen = 0;
+  CHECK(cbt_swap_keep(c, &out, &gen, keep_cb, &k) == -EIO);
+  CHECK(k.seen == 1 && k.file_still_holds);
+  CHECK(cbt_dirty_count(c) == 1 && cbt_generation(c) == 0);     /* unchanged */
+  k.result = 0;
+  CHECK(cbt_swap_keep(c, &out, &gen, keep_cb, &k) == 0 && gen == 1);
+  CHECK(k.seen == 1 && k.file_still_holds && bitmap_test(&out, 9));
+  CHECK(cbt_dirty_count(c) == 0);
+  struct cbt *r = open_map(path, nbits * G, G, 0);
+  CHECK(cbt_dirty_count(r) == 0);                /* the clean file, durable */
+  cbt_close(r);
+  cbt_close(c);
+  bitmap_free(&out);
+}
+
 static void test_fail_mode(void)
 {
   printf("fail mode: a map write error fails waiters (-EIO) and new marks; sync leaves it\n");
@@ -862,6 +959,8 @@ int main(void)
   test_invalidate();
   test_swap_concurrent();
   test_swap_durable();
+  test_swap_fast();
+  test_swap_keep();
   test_fail_mode();
   test_fast_path_speed();
   test_commit_batching();

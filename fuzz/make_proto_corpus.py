@@ -1,0 +1,47 @@
+#!/usr/bin/python3
+"""Writes the seed corpus of fuzz_proto (fuzz/corpus/proto): one valid
+instance of every message the session protocol parses, as fuzz_proto reads
+them (a type byte, then the payload).  Run from anywhere."""
+import json
+import os
+import struct
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "corpus", "proto")
+
+DATA, CTRL, BLOB, HASHES, ACK, HELLO, HELLO_OK, REPLY = 3, 4, 10, 11, 6, 1, 2, 5
+
+
+def data(disk, kind, flags, off, length, payload=b""):
+    return struct.pack("<IBBHQQ", disk, kind, flags, 0, off, length) + payload
+
+
+seeds = {
+    "data": bytes([DATA]) + data(0, 1, 1, 65536, 8, b"ABCDEFGH"),
+    "zero": bytes([DATA]) + data(1, 2, 0, 0, 1 << 30),
+    "blob": bytes([BLOB]) + struct.pack("<QQ", 0, 5) + b"state",
+    "hashes": bytes([HASHES]) + struct.pack("<QIIQ", 7, 0, 2, 10) + struct.pack("<QQ", 1, 2),
+    "ack": bytes([ACK]) + struct.pack("<Q", 42),
+    "hello": bytes([HELLO]) + json.dumps({
+        "protocol": 1, "session": "m-0123456789ab", "migration": "m-0123456789ab",
+        "vm": "vm1", "source_site": "onprem",
+        "disks": [{"name": "vda", "size": 1 << 30, "granularity": 65536}]}).encode(),
+    "hello_ok": bytes([HELLO_OK]) + json.dumps({
+        "session": "m-0123456789ab", "applied_seq": 9, "state": "receiving",
+        "disks": [{"name": "vda", "bg_hwm": 1048576}]}).encode(),
+    "ctrl_hash": bytes([CTRL]) + json.dumps(
+        {"op": "hash", "req": 3, "disk": 0, "first": 0, "count": 1024}).encode(),
+    "ctrl_state": bytes([CTRL]) + json.dumps(
+        {"op": "vm_state", "req": 4, "size": 5, "xxh64": "0123456789abcdef"}).encode(),
+    "ctrl_activate": bytes([CTRL]) + json.dumps(
+        {"op": "activate", "req": 5, "vm": {"name": "vm1", "driver": "sim",
+                                             "workload": "write=70", "disks": ["vda"]}}).encode(),
+    "ctrl_flush": bytes([CTRL]) + json.dumps({"op": "flush", "req": 1}).encode(),
+    "reply": bytes([REPLY]) + json.dumps({"req": 1, "ok": True, "applied_seq": 9}).encode(),
+}
+
+os.makedirs(OUT, exist_ok=True)
+for name, blob in seeds.items():
+    with open(os.path.join(OUT, name), "wb") as f:
+        f.write(blob)
+print(f"wrote {len(seeds)} seeds to {OUT}")

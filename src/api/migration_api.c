@@ -1,0 +1,149 @@
+/* migration_api: /v1/migrations (docs/api.md): start, watch, tune and
+ * cancel migrations; a destination lists the ones coming in. */
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "api/api.h"
+#include "common/log.h"
+#include "common/util.h"
+#include "replicate/migration.h"
+#include "replicate/proto.h"
+
+static const char *path_id(struct http_request *req, struct http_response *resp)
+{
+  const char *id = http_param(req, 0);
+  if (!proto_id_is_valid(id)) {
+    http_error(resp, 400, "invalid_argument", "'%.40s' is not a migration id (m-<12 hex>)",
+               id ? id : "");
+    return NULL;
+  }
+  return id;
+}
+
+static void h_list(void *ctx, struct http_request *req, struct http_response *resp)
+{
+  struct api *a = ctx;
+  if (!http_query_check(req, NULL, resp) || !api_no_body(req, resp))
+    return;
+  http_reply(resp, 200, migrations_list_json(a->migrations));
+}
+
+static void h_start(void *ctx, struct http_request *req, struct http_response *resp)
+{
+  struct api *a = ctx;
+  static const char *const fields[] = { "vm", "to", "mode", "max_downtime", "rate_limit",
+                                        "verify", NULL };
+  if (!http_query_check(req, NULL, resp))
+    return;
+  json_t *body = http_body_object(req, false, resp);
+  if (!body)
+    return;
+  struct migrate_request mr = { 0 };
+  const char *vm, *to, *mode, *verify;
+  json_t *jd = json_object_get(body, "max_downtime"), *jr = json_object_get(body, "rate_limit");
+  if (!api_only_fields(body, fields, resp) ||
+      !api_string_field(body, "vm", true, 64, &vm, resp) || !api_valid_name(vm, resp) ||
+      !api_string_field(body, "to", true, 255, &to, resp) ||
+      !api_string_field(body, "mode", false, 7, &mode, resp) ||
+      !api_string_field(body, "verify", false, 15, &verify, resp) ||
+      (jd && !api_duration_ms_field(jd, "max_downtime", &mr.max_downtime_ms, resp)) ||
+      (jr && !api_size_field(jr, "rate_limit", true, &mr.rate_limit_bps, resp)))
+    goto out;
+  if (verify && strcmp(verify, "full") != 0 && strcmp(verify, "incremental") != 0) {
+    http_error(resp, 400, "invalid_argument", "'verify' must be \"full\" or \"incremental\"");
+    goto out;
+  }
+  if (jd && mr.max_downtime_ms == 0) {
+    http_error(resp, 400, "invalid_argument", "'max_downtime' must be more than 0");
+    goto out;
+  }
+  snprintf(mr.vm, sizeof mr.vm, "%s", vm);
+  snprintf(mr.to, sizeof mr.to, "%s", to);
+  snprintf(mr.mode, sizeof mr.mode, "%s", mode ? mode : "live");
+  mr.verify_full = verify && strcmp(verify, "full") == 0;
+  char id[32], err[512];
+  int r = migrations_start(a->migrations, &mr, id, sizeof id, err, sizeof err);
+  if (r < 0) {
+    api_answer_errno(resp, r, err, true);
+    api_log_server_error(req, resp);
+    goto out;
+  }
+  http_reply(resp, 201, migration_json(a->migrations, id, err, sizeof err));
+out:
+  json_decref(body);
+}
+
+static void h_get(void *ctx, struct http_request *req, struct http_response *resp)
+{
+  struct api *a = ctx;
+  if (!http_query_check(req, NULL, resp) || !api_no_body(req, resp))
+    return;
+  const char *id = path_id(req, resp);
+  if (!id)
+    return;
+  char err[512];
+  json_t *j = migration_json(a->migrations, id, err, sizeof err);
+  if (!j)
+    http_error(resp, 404, "not_found", "%s", err);
+  else
+    http_reply(resp, 200, j);
+}
+
+static void h_cancel(void *ctx, struct http_request *req, struct http_response *resp)
+{
+  struct api *a = ctx;
+  if (!http_query_check(req, NULL, resp) || !api_no_body(req, resp))
+    return;
+  const char *id = path_id(req, resp);
+  if (!id)
+    return;
+  char err[512];
+  int r = migrations_cancel(a->migrations, id, err, sizeof err);
+  if (r < 0) {
+    api_answer_errno(resp, r, err, false);
+    api_log_server_error(req, resp);
+    return;
+  }
+  http_reply(resp, 200, migration_json(a->migrations, id, err, sizeof err));
+}
+
+static void h_update(void *ctx, struct http_request *req, struct http_response *resp)
+{
+  struct api *a = ctx;
+  static const char *const fields[] = { "rate_limit", NULL };
+  if (!http_query_check(req, NULL, resp))
+    return;
+  const char *id = path_id(req, resp);
+  if (!id)
+    return;
+  json_t *body = http_body_object(req, false, resp);
+  if (!body)
+    return;
+  uint64_t rate = 0;
+  json_t *jr = json_object_get(body, "rate_limit");
+  if (api_only_fields(body, fields, resp)) {
+    if (!jr) {
+      http_error(resp, 400, "invalid_argument", "missing field 'rate_limit'");
+    } else if (api_size_field(jr, "rate_limit", true, &rate, resp)) {
+      char err[512];
+      int r = migrations_set_rate_limit(a->migrations, id, rate, err, sizeof err);
+      if (r < 0) {
+        api_answer_errno(resp, r, err, false);
+        api_log_server_error(req, resp);
+      } else {
+        http_reply(resp, 200, migration_json(a->migrations, id, err, sizeof err));
+      }
+    }
+  }
+  json_decref(body);
+}
+
+const struct http_route migration_routes[] = {
+  { "GET", "/v1/migrations", h_list },
+  { "POST", "/v1/migrations", h_start },
+  { "GET", "/v1/migrations/{}", h_get },
+  { "PUT", "/v1/migrations/{}", h_update },
+  { "POST", "/v1/migrations/{}/cancel", h_cancel },
+};
+const size_t migration_nroutes = sizeof migration_routes / sizeof migration_routes[0];

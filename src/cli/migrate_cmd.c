@@ -1,0 +1,424 @@
+/* migrate_cmd: `ferry migrate VM ...` and `ferry migration ...` (docs/cli.md).
+ *
+ * --wait (and `migration wait`) polls the migration once a second and shows
+ * its progress: on a terminal as a bar redrawn in place, otherwise as a line
+ * every few seconds and on every change of phase, so a log of it reads well.
+ * Interrupting the wait leaves the migration running. */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cli/cli.h"
+#include "common/util.h"
+
+#define BAR_WIDTH 30
+
+static bool terminal_state(const char *s)
+{
+  return strcmp(s, "completed") == 0 || strcmp(s, "cancelled") == 0 || strcmp(s, "failed") == 0;
+}
+
+static const char *trend_word(double bps)
+{
+  if (bps > 1024)
+    return "growing";
+  if (bps < -1024)
+    return "shrinking";
+  return "steady";
+}
+
+static void fmt_eta(double s, char *buf, size_t len)
+{
+  if (s < 0)
+    snprintf(buf, len, "-");
+  else if (s < 60)
+    snprintf(buf, len, "%.0fs", s);
+  else if (s < 3600)
+    snprintf(buf, len, "%.0fm%02.0fs", s / 60 - 0.5, s - 60 * (double)(long)(s / 60));
+  else
+    snprintf(buf, len, "%.1fh", s / 3600);
+}
+
+/* The progress in three lines (no newline after the last). */
+static void progress_lines(const json_t *m, char *l1, char *l2, char *l3, size_t len)
+{
+  const json_t *p = json_object_get(m, "progress");
+  uint64_t total = j_u64(p, "bytes_total"), left = j_u64(p, "bytes_left");
+  double frac = total ? (double)(total - MIN(left, total)) / (double)total : 1.0;
+  const char *phase = j_str(p, "phase");
+  if (strcmp(j_str(m, "state"), "completed") == 0)
+    frac = 1.0;
+  char bar[BAR_WIDTH + 1];
+  int fill = (int)(frac * BAR_WIDTH + 0.5);
+  for (int i = 0; i < BAR_WIDTH; i++)
+    bar[i] = i < fill ? '#' : '.';
+  bar[BAR_WIDTH] = '\0';
+  snprintf(l1, len, "%s %s -> %s [%s] %3.0f%%  %s (%s)", j_str(m, "id"), j_str(m, "vm"),
+           j_str(m, "peer"), bar, frac * 100, j_str(m, "state"), phase);
+  char b_left[32], b_total[32], b_back[32], b_link[32], b_vm[32], b_eta[32], b_bp[32];
+  fmt_bytes(left, b_left, sizeof b_left);
+  fmt_bytes(total, b_total, sizeof b_total);
+  fmt_bytes(j_u64(p, "backlog_bytes"), b_back, sizeof b_back);
+  fmt_rate(j_dbl(p, "link_bps"), b_link, sizeof b_link);
+  fmt_rate(j_dbl(p, "vm_write_bps"), b_vm, sizeof b_vm);
+  fmt_eta(j_dbl(p, "eta_s"), b_eta, sizeof b_eta);
+  int n = snprintf(l2, len, "  left %s of %s | backlog %s (%s) | link %s | VM writes %s | ETA %s",
+                   b_left, b_total, b_back, trend_word(j_dbl(p, "backlog_trend_bps")), b_link,
+                   b_vm, b_eta);
+  if (j_u64(p, "backpressure_bps") && n > 0 && (size_t)n < len)
+    snprintf(l2 + n, len - (size_t)n, " | VM throttled to %s",
+             fmt_rate((double)j_u64(p, "backpressure_bps"), b_bp, sizeof b_bp));
+  const char *link = j_str(p, "link");
+  const char *lerr = j_str(p, "link_error");
+  if (strcmp(link, "up") != 0 && lerr[0] && strcmp(lerr, "-") != 0)
+    snprintf(l3, len, "  %s (link %s: %s)", j_str(p, "verdict"), link, lerr);
+  else
+    snprintf(l3, len, "  %s", j_str(p, "verdict"));
+}
+
+static void print_summary(const json_t *m)
+{
+  const json_t *p = json_object_get(m, "progress");
+  const json_t *b = json_object_get(p, "bytes"), *cnt = json_object_get(p, "counters"),
+               *cut = json_object_get(p, "cutover");
+  char w[32], d[32], z[32], r[32], f[32];
+  const char *state = j_str(m, "state");
+  printf("migration %s of VM %s to site %s: %s\n", j_str(m, "id"), j_str(m, "vm"),
+         j_str(m, "peer"), state);
+  const char *err = json_string_value(json_object_get(m, "error"));
+  if (err)
+    printf("  %s\n", err);
+  if (strcmp(state, "completed") == 0)
+    printf("  downtime:     %llu ms (pause to resume; budget %llu ms)\n",
+           (unsigned long long)j_u64(cut, "downtime_ms"),
+           (unsigned long long)j_u64(json_object_get(m, "params"), "max_downtime_ms"));
+  printf("  on the wire:  %s; data %s, zero ranges %s, sent again %s\n",
+         fmt_bytes(j_u64(b, "wire_sent"), w, sizeof w), fmt_bytes(j_u64(b, "data_sent"), d, sizeof d),
+         fmt_bytes(j_u64(b, "zero_ranges"), z, sizeof z), fmt_bytes(j_u64(b, "resent"), r, sizeof r));
+  printf("  foreground:   %s re-sent for writes made during the copy\n",
+         fmt_bytes(j_u64(b, "foreground_data"), f, sizeof f));
+  printf("  verified:     %llu regions equal at the destination (%llu at cutover), %llu "
+         "repaired\n", (unsigned long long)j_u64(cnt, "verified_regions"),
+         (unsigned long long)j_u64(cut, "verified_regions"),
+         (unsigned long long)j_u64(cnt, "verify_repairs"));
+  printf("  faults:       %llu reconnects, %llu restarts, %llu NACKs, %llu cutover attempt(s)\n",
+         (unsigned long long)j_u64(cnt, "reconnects"), (unsigned long long)j_u64(cnt, "restarts"),
+         (unsigned long long)j_u64(cnt, "nacks"),
+         (unsigned long long)j_u64(cnt, "cutover_attempts"));
+}
+
+/* Polls until the migration ends; EXIT_OK when it completed.  With -o json
+ * nothing is drawn: the final document is printed. */
+static int wait_for(struct cli *c, const char *id)
+{
+  char path[96];
+  snprintf(path, sizeof path, "/v1/migrations/%s", id);
+  bool tty = isatty(1);
+  struct cli q = *c;
+  q.json = false;
+  char last_phase[64] = "", l1[512], l2[512], l3[512];
+  time_t last_print = 0;
+  bool drawn = false;
+  unsigned failures = 0;
+  for (;;) {
+    json_t *m = NULL;
+    int r = cli_call(&q, "GET", path, NULL, &m);
+    if (r != EXIT_OK) {
+      json_decref(m);
+      if (r == EXIT_UNREACHABLE && ++failures < 30) {   /* ferryd restarting: wait */
+        sleep(1);
+        continue;
+      }
+      return r;
+    }
+    failures = 0;
+    progress_lines(m, l1, l2, l3, sizeof l1);
+    const char *state = j_str(m, "state");
+    const char *phase = j_str(json_object_get(m, "progress"), "phase");
+    bool done = terminal_state(state);
+    if (c->json) {
+      if (done) {
+        char *t = json_dumps(m, JSON_COMPACT);
+        printf("%s\n", t ? t : "{}");
+        free(t);
+        bool ok = strcmp(state, "completed") == 0;
+        json_decref(m);
+        return ok ? EXIT_OK : EXIT_REFUSED;
+      }
+    } else if (tty) {
+      if (drawn)
+        printf("\033[2F");
+      printf("\r%s\033[K\n%s\033[K\n%s\033[K", l1, l2, l3);
+      fflush(stdout);
+      drawn = true;
+    } else if (done || strcmp(phase, last_phase) != 0 || time(NULL) - last_print >= 5) {
+      printf("%s\n%s\n%s\n", l1, l2, l3);
+      fflush(stdout);
+      last_print = time(NULL);
+    }
+    snprintf(last_phase, sizeof last_phase, "%s", phase);
+    if (done) {
+      if (tty)
+        printf("\n");
+      print_summary(m);
+      bool ok = strcmp(state, "completed") == 0;
+      json_decref(m);
+      return ok ? EXIT_OK : EXIT_REFUSED;
+    }
+    json_decref(m);
+    sleep(1);
+  }
+}
+
+static const char usage_migrate[] =
+  "Usage: ferry migrate VM --to SITE [--mode live] [--max-downtime DURATION]\n"
+  "                     [--rate-limit RATE] [--verify incremental|full] [--wait]\n"
+  "Moves a running VM and its disks to a paired site while it keeps running:\n"
+  "background copy of its disks, foreground copy of what it writes meanwhile,\n"
+  "then a cutover that pauses it, drains the last writes, checks that the\n"
+  "destination equals the source, moves its state and resumes it there.\n"
+  "  --to SITE             the peer's name or API URL (see 'ferry site peers')\n"
+  "  --mode live           the only mode so far [live]\n"
+  "  --max-downtime D      the pause the cutover may take, e.g. 500ms, 2s [500ms];\n"
+  "                        the cutover waits until the backlog fits in it, and write\n"
+  "                        backpressure slows the VM if it would never fit\n"
+  "  --rate-limit RATE     cap on replication reads, e.g. 50M (per second), to\n"
+  "                        protect the VM's IO; change it later with\n"
+  "                        'ferry migration set ID --rate-limit RATE' [none]\n"
+  "  --verify MODE         incremental: a sweep checks every region while the VM runs,\n"
+  "                        the pause re-checks what changed since; full: the pause\n"
+  "                        checks every region (longer downtime) [incremental]\n"
+  "  --wait                show progress until the migration ends; exit 0 when it\n"
+  "                        completed, 1 when it failed or was cancelled\n"
+  "Prints the migration id; follow it with 'ferry migration show ID'.\n";
+
+int cmd_migrate(struct cli *c, int argc, char **argv)
+{
+  const char *to = NULL, *mode = NULL, *downtime = NULL, *rate = NULL, *verify = NULL, *pos[1];
+  bool wait = false;
+  const struct opt_spec spec[] = {
+    { "to", true, &to, NULL, NULL, NULL, 0 },
+    { "mode", true, &mode, NULL, NULL, NULL, 0 },
+    { "max-downtime", true, &downtime, NULL, NULL, NULL, 0 },
+    { "rate-limit", true, &rate, NULL, NULL, NULL, 0 },
+    { "verify", true, &verify, NULL, NULL, NULL, 0 },
+    { "wait", false, NULL, &wait, NULL, NULL, 0 },
+  };
+  int npos, r = parse_args("migrate", usage_migrate, argc, argv, spec, ARRAY_SIZE(spec), pos, 1,
+                           1, &npos);
+  if (r)
+    return r == PARSE_HELP ? EXIT_OK : r;
+  if ((r = check_name("migrate", pos[0])))
+    return r;
+  if (!to || !to[0])
+    return cli_usage_error("migrate", "missing --to SITE");
+  if (mode && strcmp(mode, "live") != 0)
+    return cli_usage_error("migrate", "unknown --mode '%s' (live)", mode);
+  if (verify && strcmp(verify, "full") != 0 && strcmp(verify, "incremental") != 0)
+    return cli_usage_error("migrate", "bad --verify '%s': incremental or full", verify);
+  uint64_t rl = 0;
+  if (rate && parse_rate(rate, &rl) < 0)
+    return cli_usage_error("migrate", "bad --rate-limit '%s': expected a rate such as 50M",
+                           rate);
+  if (downtime) {
+    char *end;
+    double v = strtod(downtime, &end);
+    if (end == downtime || v <= 0 ||
+        (*end && strcmp(end, "ms") != 0 && strcmp(end, "s") != 0 && strcmp(end, "m") != 0))
+      return cli_usage_error("migrate", "bad --max-downtime '%s': expected e.g. 500ms, 2s",
+                             downtime);
+  }
+  json_t *body = json_pack("{s:s, s:s, s:s}", "vm", pos[0], "to", to, "mode", mode ? mode : "live");
+  if (downtime) {
+    char *end;
+    double v = strtod(downtime, &end);
+    double ms = strcmp(end, "s") == 0 ? v * 1000 : strcmp(end, "m") == 0 ? v * 60000 : v;
+    json_object_set_new(body, "max_downtime", json_integer((json_int_t)(ms + 0.5)));
+  }
+  if (rate)
+    json_object_set_new(body, "rate_limit", json_integer((json_int_t)rl));
+  if (verify)
+    json_object_set_new(body, "verify", json_string(verify));
+  struct cli q = *c;
+  if (wait)
+    q.json = false;        /* with --wait -o json, only the final document is printed */
+  json_t *answer;
+  r = cli_call(&q, "POST", "/v1/migrations", body, &answer);
+  json_decref(body);
+  if (r != EXIT_OK)
+    return r;
+  char id[32];
+  snprintf(id, sizeof id, "%s", j_str(answer, "id"));
+  if (!c->json)
+    printf("migration %s started: VM %s to site %s (live, max downtime %llu ms)\n", id, pos[0],
+           j_str(answer, "peer"),
+           (unsigned long long)j_u64(json_object_get(answer, "params"), "max_downtime_ms"));
+  json_decref(answer);
+  return wait ? wait_for(c, id) : EXIT_OK;
+}
+
+/* ---- ferry migration ... ---- */
+
+static void print_list(const json_t *answer)
+{
+  const json_t *ms = json_object_get(answer, "migrations");
+  static const char *const h[] = { "ID", "ROLE", "VM", "PEER", "STATE", "PHASE", "LEFT",
+                                   "DOWNTIME", "CREATED" };
+  struct table *t = table_new(9, h);
+  size_t i;
+  const json_t *m;
+  json_array_foreach(ms, i, m) {
+    const json_t *p = json_object_get(m, "progress");
+    char left[32], dt[32] = "-";
+    fmt_bytes(j_u64(p, "bytes_left"), left, sizeof left);
+    if (strcmp(j_str(m, "state"), "completed") == 0)
+      snprintf(dt, sizeof dt, "%llu ms",
+               (unsigned long long)j_u64(json_object_get(p, "cutover"), "downtime_ms"));
+    const char *cells[] = { j_str(m, "id"), j_str(m, "role"), j_str(m, "vm"), j_str(m, "peer"),
+                            j_str(m, "state"), j_str(p, "phase"), left, dt,
+                            j_str(m, "created_at") };
+    table_add(t, cells);
+  }
+  if (json_array_size(ms) == 0)
+    printf("no migrations\n");
+  else
+    table_print(t, stdout, "");
+  table_free(t);
+}
+
+static void print_show(const json_t *m)
+{
+  char l1[512], l2[512], l3[512];
+  progress_lines(m, l1, l2, l3, sizeof l1);
+  printf("%s\n%s\n%s\n", l1, l2, l3);
+  print_summary(m);
+}
+
+static int check_id(const char *cmd, const char *id)
+{
+  bool ok = strncmp(id, "m-", 2) == 0 && strlen(id) == 14 && strspn(id + 2, "0123456789abcdef") == 12;
+  return ok ? EXIT_OK : cli_usage_error(cmd, "'%s' is not a migration id (m-<12 hex>)", id);
+}
+
+static int mig_with_id(struct cli *c, int argc, char **argv, const char *cmd, const char *usage,
+                       const char *method, const char *action, void (*show)(const json_t *))
+{
+  const char *pos[1];
+  int npos, r = parse_args(cmd, usage, argc, argv, NULL, 0, pos, 1, 1, &npos);
+  if (r)
+    return r == PARSE_HELP ? EXIT_OK : r;
+  if ((r = check_id(cmd, pos[0])))
+    return r;
+  char path[128];
+  snprintf(path, sizeof path, "/v1/migrations/%s%s", pos[0], action ? action : "");
+  return call_and_show(c, method, path, NULL, show);
+}
+
+static int mig_list(struct cli *c, int argc, char **argv)
+{
+  const char *pos[1];
+  int npos, r = parse_args("migration list", "Usage: ferry migration list\nThe migrations "
+                           "of this site, as source and as destination.\n", argc, argv, NULL, 0,
+                           pos, 0, 0, &npos);
+  if (r)
+    return r == PARSE_HELP ? EXIT_OK : r;
+  return call_and_show(c, "GET", "/v1/migrations", NULL, print_list);
+}
+
+static int mig_show(struct cli *c, int argc, char **argv)
+{
+  return mig_with_id(c, argc, argv, "migration show",
+                     "Usage: ferry migration show ID\nProgress and figures of one migration.\n",
+                     "GET", NULL, print_show);
+}
+
+static int mig_cancel(struct cli *c, int argc, char **argv)
+{
+  return mig_with_id(c, argc, argv, "migration cancel",
+                     "Usage: ferry migration cancel ID\n"
+                     "At the source: stops the migration; the VM keeps running here and what\n"
+                     "the destination built is removed.  Refused after the point of no return\n"
+                     "(the VM runs, or is being started, at the destination).  At the\n"
+                     "destination: removes an incoming migration the source no longer drives.\n",
+                     "POST", "/cancel", print_summary);
+}
+
+static int mig_wait(struct cli *c, int argc, char **argv)
+{
+  const char *pos[1];
+  int npos, r = parse_args("migration wait", "Usage: ferry migration wait ID\nShows progress "
+                           "until the migration ends (exit 0 when it completed).\n", argc, argv,
+                           NULL, 0, pos, 1, 1, &npos);
+  if (r)
+    return r == PARSE_HELP ? EXIT_OK : r;
+  if ((r = check_id("migration wait", pos[0])))
+    return r;
+  return wait_for(c, pos[0]);
+}
+
+static int mig_set(struct cli *c, int argc, char **argv)
+{
+  const char *rate = NULL, *pos[1];
+  const struct opt_spec spec[] = { { "rate-limit", true, &rate, NULL, NULL, NULL, 0 } };
+  int npos, r = parse_args("migration set",
+                           "Usage: ferry migration set ID --rate-limit RATE\n"
+                           "Changes the cap on replication reads while the migration runs\n"
+                           "(replication backpressure), e.g. 20M per second; 0 = none.\n",
+                           argc, argv, spec, ARRAY_SIZE(spec), pos, 1, 1, &npos);
+  if (r)
+    return r == PARSE_HELP ? EXIT_OK : r;
+  if ((r = check_id("migration set", pos[0])))
+    return r;
+  uint64_t rl;
+  if (!rate)
+    return cli_usage_error("migration set", "missing --rate-limit RATE");
+  if (parse_rate(rate, &rl) < 0)
+    return cli_usage_error("migration set", "bad --rate-limit '%s'", rate);
+  char path[128];
+  snprintf(path, sizeof path, "/v1/migrations/%s", pos[0]);
+  json_t *body = json_pack("{s:I}", "rate_limit", (json_int_t)rl);
+  json_t *answer;
+  r = cli_call(c, "PUT", path, body, &answer);
+  json_decref(body);
+  if (r == EXIT_OK && !c->json) {
+    char b[32];
+    printf("migration %s: replication rate limit %s\n", pos[0],
+           rl ? fmt_rate((double)rl, b, sizeof b) : "off");
+  }
+  json_decref(answer);
+  return r;
+}
+
+static const char usage_migration[] =
+  "Usage: ferry migration SUBCOMMAND ...\n"
+  "  list                        migrations of this site (source and destination)\n"
+  "  show ID                     progress and figures\n"
+  "  wait ID                     progress until it ends\n"
+  "  set ID --rate-limit RATE    change the replication cap\n"
+  "  cancel ID                   stop it; the VM stays at the source\n"
+  "Start one with 'ferry migrate VM --to SITE'.\n";
+
+int cmd_migration(struct cli *c, int argc, char **argv)
+{
+  static const struct {
+    const char *name;
+    int (*fn)(struct cli *, int, char **);
+  } subs[] = { { "list", mig_list }, { "ls", mig_list }, { "show", mig_show },
+               { "cancel", mig_cancel }, { "wait", mig_wait }, { "set", mig_set } };
+  if (argc < 2) {
+    fprintf(stderr, "%s", usage_migration);
+    return EXIT_USAGE;
+  }
+  if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ||
+      strcmp(argv[1], "help") == 0) {
+    printf("%s", usage_migration);
+    return EXIT_OK;
+  }
+  for (size_t i = 0; i < ARRAY_SIZE(subs); i++)
+    if (strcmp(argv[1], subs[i].name) == 0)
+      return subs[i].fn(c, argc - 1, argv + 1);
+  return cli_usage_error("migration", "unknown subcommand '%s'", argv[1]);
+}

@@ -1,0 +1,349 @@
+/* proto: encoders and checked parsers of the session protocol (see proto.h). */
+#include "replicate/proto.h"
+
+#include <endian.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "common/util.h"
+
+#define MAX_JSON (1024 * 1024)
+#define MAX_DISK_SIZE (UINT64_C(1) << 50)   /* 1 PiB */
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+  __attribute__((format(printf, 3, 4)));
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+{
+  if (!err || !errlen)
+    return;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(err, errlen, fmt, ap);
+  va_end(ap);
+}
+
+static void put32(uint8_t *p, uint32_t v) { v = htole32(v); memcpy(p, &v, 4); }
+static void put64(uint8_t *p, uint64_t v) { v = htole64(v); memcpy(p, &v, 8); }
+static uint32_t get32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return le32toh(v); }
+static uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return le64toh(v); }
+
+const char *proto_type_name(unsigned type)
+{
+  static const char *const names[] = { "?", "HELLO", "HELLO_OK", "DATA", "CTRL", "REPLY", "ACK",
+                                       "NACK", "PING", "PONG", "BLOB", "HASHES", "ERROR" };
+  return type < ARRAY_SIZE(names) ? names[type] : "?";
+}
+
+bool proto_is_sequenced(unsigned type)
+{
+  return type == MSG_DATA || type == MSG_CTRL || type == MSG_BLOB;
+}
+
+void proto_data_encode(const struct proto_data *d, uint8_t out[DATA_HEADER_SIZE])
+{
+  put32(out, d->disk);
+  out[4] = d->kind;
+  out[5] = d->flags;
+  out[6] = out[7] = 0;
+  put64(out + 8, d->offset);
+  put64(out + 16, d->length);
+}
+
+int proto_data_parse(const void *payload, uint32_t len, struct proto_data *out, char *err,
+                     size_t errlen)
+{
+  const uint8_t *p = payload;
+  if (len < DATA_HEADER_SIZE) {
+    set_err(err, errlen, "DATA frame of %u bytes is shorter than its header", len);
+    return -EPROTO;
+  }
+  out->disk = get32(p);
+  out->kind = p[4];
+  out->flags = p[5];
+  out->offset = get64(p + 8);
+  out->length = get64(p + 16);
+  out->bytes = p + DATA_HEADER_SIZE;
+  if (p[6] || p[7] || (out->flags & ~DATA_F_BACKGROUND)) {
+    set_err(err, errlen, "DATA frame has reserved bits set");
+    return -EPROTO;
+  }
+  if (out->disk >= PROTO_MAX_DISKS) {
+    set_err(err, errlen, "DATA frame names disk %u", out->disk);
+    return -EPROTO;
+  }
+  if (out->length == 0 || out->offset > MAX_DISK_SIZE || out->length > MAX_DISK_SIZE - out->offset) {
+    set_err(err, errlen, "DATA frame range %llu+%llu is invalid",
+            (unsigned long long)out->offset, (unsigned long long)out->length);
+    return -EPROTO;
+  }
+  if (out->kind == DATA_KIND_DATA) {
+    if (out->length != len - DATA_HEADER_SIZE) {
+      set_err(err, errlen, "DATA frame says %llu bytes but carries %u",
+              (unsigned long long)out->length, len - DATA_HEADER_SIZE);
+      return -EPROTO;
+    }
+  } else if (out->kind == DATA_KIND_ZERO) {
+    if (len != DATA_HEADER_SIZE) {
+      set_err(err, errlen, "zero DATA frame carries %u bytes", len - DATA_HEADER_SIZE);
+      return -EPROTO;
+    }
+  } else {
+    set_err(err, errlen, "DATA frame of unknown kind %u", out->kind);
+    return -EPROTO;
+  }
+  return 0;
+}
+
+void proto_blob_encode(uint64_t offset, uint64_t total, uint8_t out[BLOB_HEADER_SIZE])
+{
+  put64(out, offset);
+  put64(out + 8, total);
+}
+
+int proto_blob_parse(const void *payload, uint32_t len, struct proto_blob *out, char *err,
+                     size_t errlen)
+{
+  const uint8_t *p = payload;
+  if (len < BLOB_HEADER_SIZE) {
+    set_err(err, errlen, "BLOB frame of %u bytes is shorter than its header", len);
+    return -EPROTO;
+  }
+  out->offset = get64(p);
+  out->total = get64(p + 8);
+  out->bytes = p + BLOB_HEADER_SIZE;
+  out->len = len - BLOB_HEADER_SIZE;
+  if (out->total > PROTO_MAX_BLOB || out->offset > out->total ||
+      out->len > out->total - out->offset) {
+    set_err(err, errlen, "BLOB piece %llu+%u of %llu is out of range",
+            (unsigned long long)out->offset, out->len, (unsigned long long)out->total);
+    return -EPROTO;
+  }
+  return 0;
+}
+
+void proto_hashes_encode_header(const struct proto_hashes *h, uint8_t out[HASHES_HEADER_SIZE])
+{
+  put64(out, h->req);
+  put32(out + 8, h->disk);
+  put32(out + 12, h->count);
+  put64(out + 16, h->first);
+}
+
+int proto_hashes_parse(const void *payload, uint32_t len, struct proto_hashes *out, char *err,
+                       size_t errlen)
+{
+  const uint8_t *p = payload;
+  if (len < HASHES_HEADER_SIZE) {
+    set_err(err, errlen, "HASHES frame of %u bytes is shorter than its header", len);
+    return -EPROTO;
+  }
+  out->req = get64(p);
+  out->disk = get32(p + 8);
+  out->count = get32(p + 12);
+  out->first = get64(p + 16);
+  out->hashes = p + HASHES_HEADER_SIZE;
+  if (out->disk >= PROTO_MAX_DISKS || out->count > PROTO_MAX_HASHES ||
+      (uint64_t)out->count * 8 != len - HASHES_HEADER_SIZE) {
+    set_err(err, errlen, "HASHES frame is malformed (disk %u, %u hashes in %u bytes)",
+            out->disk, out->count, len);
+    return -EPROTO;
+  }
+  return 0;
+}
+
+uint64_t proto_hash_at(const struct proto_hashes *h, uint32_t i)
+{
+  return get64(h->hashes + 8 * (size_t)i);
+}
+
+void proto_u64_encode(uint64_t v, uint8_t out[8]) { put64(out, v); }
+
+int proto_u64_parse(const void *payload, uint32_t len, uint64_t *out, char *err, size_t errlen)
+{
+  if (len != 8) {
+    set_err(err, errlen, "expected an 8-byte payload, got %u bytes", len);
+    return -EPROTO;
+  }
+  *out = get64(payload);
+  return 0;
+}
+
+json_t *proto_json_parse(const void *payload, uint32_t len, char *err, size_t errlen)
+{
+  if (len == 0 || len > MAX_JSON) {
+    set_err(err, errlen, "JSON payload of %u bytes", len);
+    return NULL;
+  }
+  json_error_t je;
+  json_t *j = json_loadb(payload, len, JSON_REJECT_DUPLICATES, &je);
+  if (!j) {
+    set_err(err, errlen, "bad JSON: %s", je.text);
+    return NULL;
+  }
+  if (!json_is_object(j)) {
+    json_decref(j);
+    set_err(err, errlen, "JSON payload is not an object");
+    return NULL;
+  }
+  return j;
+}
+
+bool proto_id_is_valid(const char *s)
+{
+  if (!s || strncmp(s, "m-", 2) != 0 || strlen(s) != 14)
+    return false;
+  for (const char *p = s + 2; *p; p++)
+    if (!((*p >= '0' && *p <= '9') || (*p >= 'a' && *p <= 'f')))
+      return false;
+  return true;
+}
+
+/* An unsigned JSON integer member, 0 <= v <= max. */
+static bool get_uint(json_t *j, const char *key, uint64_t max, uint64_t *out, char *err,
+                     size_t errlen)
+{
+  json_t *v = json_object_get(j, key);
+  if (!json_is_integer(v) || json_integer_value(v) < 0 ||
+      (uint64_t)json_integer_value(v) > max) {
+    set_err(err, errlen, "'%s' must be an integer from 0 to %llu", key, (unsigned long long)max);
+    return false;
+  }
+  *out = (uint64_t)json_integer_value(v);
+  return true;
+}
+
+static bool get_name(json_t *j, const char *key, char *out, size_t len, char *err,
+                     size_t errlen)
+{
+  const char *s = json_string_value(json_object_get(j, key));
+  if (!s || !name_is_valid(s) || strlen(s) >= len) {
+    set_err(err, errlen, "'%s' must be a valid name", key);
+    return false;
+  }
+  snprintf(out, len, "%s", s);
+  return true;
+}
+
+int proto_parse_ctrl(json_t *j, struct proto_ctrl *out, char *err, size_t errlen)
+{
+  memset(out, 0, sizeof *out);
+  out->body = j;
+  const char *op = json_string_value(json_object_get(j, "op"));
+  if (!op) {
+    set_err(err, errlen, "CTRL without 'op'");
+    return -EPROTO;
+  }
+  if (!get_uint(j, "req", INT64_MAX, &out->req, err, errlen))
+    return -EPROTO;
+  uint64_t v;
+  if (strcmp(op, "flush") == 0) {
+    out->op = OP_FLUSH;
+  } else if (strcmp(op, "hash") == 0) {
+    out->op = OP_HASH;
+    if (!get_uint(j, "disk", PROTO_MAX_DISKS - 1, &v, err, errlen) ||
+        !get_uint(j, "first", MAX_DISK_SIZE, &out->first, err, errlen) ||
+        !get_uint(j, "count", PROTO_MAX_HASHES, &out->count, err, errlen))
+      return -EPROTO;
+    out->disk = (uint32_t)v;
+    if (out->count == 0) {
+      set_err(err, errlen, "hash of 0 regions");
+      return -EPROTO;
+    }
+  } else if (strcmp(op, "vm_state") == 0) {
+    out->op = OP_VM_STATE;
+    if (!get_uint(j, "size", PROTO_MAX_BLOB, &out->size, err, errlen))
+      return -EPROTO;
+    json_t *h = json_object_get(j, "xxh64");
+    const char *hs = json_string_value(h);
+    char *end = NULL;
+    if (!hs || strlen(hs) != 16 || (out->xxh64 = strtoull(hs, &end, 16), *end)) {
+      set_err(err, errlen, "'xxh64' must be 16 hex digits");
+      return -EPROTO;
+    }
+  } else if (strcmp(op, "activate") == 0) {
+    out->op = OP_ACTIVATE;
+    json_t *vm = json_object_get(j, "vm");
+    char name[65], driver[16];
+    if (!json_is_object(vm) || !get_name(vm, "name", name, sizeof name, err, errlen) ||
+        !get_name(vm, "driver", driver, sizeof driver, err, errlen))
+      return -EPROTO;
+    json_t *disks = json_object_get(vm, "disks");
+    if (!json_is_array(disks) || json_array_size(disks) == 0 ||
+        json_array_size(disks) > PROTO_MAX_DISKS) {
+      set_err(err, errlen, "'vm.disks' must be an array of 1 to %d names", PROTO_MAX_DISKS);
+      return -EPROTO;
+    }
+    size_t i;
+    json_t *x;
+    json_array_foreach(disks, i, x) {
+      if (!json_is_string(x) || !name_is_valid(json_string_value(x))) {
+        set_err(err, errlen, "'vm.disks' holds a bad name");
+        return -EPROTO;
+      }
+    }
+    json_t *w = json_object_get(vm, "workload");
+    if (w && (!json_is_string(w) || strlen(json_string_value(w)) > 255)) {
+      set_err(err, errlen, "'vm.workload' must be a string of at most 255 characters");
+      return -EPROTO;
+    }
+  } else if (strcmp(op, "complete") == 0) {
+    out->op = OP_COMPLETE;
+  } else if (strcmp(op, "abort") == 0) {
+    out->op = OP_ABORT;
+  } else {
+    set_err(err, errlen, "unknown CTRL op '%.40s'", op);
+    return -EPROTO;
+  }
+  return 0;
+}
+
+int proto_parse_hello(json_t *j, struct proto_hello *out, char *err, size_t errlen)
+{
+  memset(out, 0, sizeof *out);
+  uint64_t v;
+  if (!get_uint(j, "protocol", 1000, &v, err, errlen))
+    return -EPROTO;
+  if (v != PROTO_VERSION) {
+    set_err(err, errlen, "protocol version %llu is not %d", (unsigned long long)v,
+            PROTO_VERSION);
+    return -EPROTO;
+  }
+  const char *s = json_string_value(json_object_get(j, "session"));
+  if (!proto_id_is_valid(s)) {
+    set_err(err, errlen, "bad session id");
+    return -EPROTO;
+  }
+  snprintf(out->session, sizeof out->session, "%s", s);
+  if (!get_name(j, "vm", out->vm, sizeof out->vm, err, errlen) ||
+      !get_name(j, "source_site", out->source_site, sizeof out->source_site, err, errlen))
+    return -EPROTO;
+  json_t *disks = json_object_get(j, "disks");
+  if (!json_is_array(disks) || json_array_size(disks) == 0 ||
+      json_array_size(disks) > PROTO_MAX_DISKS) {
+    set_err(err, errlen, "'disks' must be an array of 1 to %d disks", PROTO_MAX_DISKS);
+    return -EPROTO;
+  }
+  size_t i;
+  json_t *x;
+  json_array_foreach(disks, i, x) {
+    struct proto_hello_disk *d = &out->disks[i];
+    if (!json_is_object(x) || !get_name(x, "name", d->name, sizeof d->name, err, errlen) ||
+        !get_uint(x, "size", MAX_DISK_SIZE, &d->size, err, errlen) ||
+        !get_uint(x, "granularity", 1u << 30, &d->granularity, err, errlen))
+      return -EPROTO;
+    if (d->size == 0 || d->size % 512 || d->granularity < 4096 ||
+        (d->granularity & (d->granularity - 1))) {
+      set_err(err, errlen, "disk '%s': bad size or granularity", d->name);
+      return -EPROTO;
+    }
+    for (size_t k = 0; k < i; k++)
+      if (strcmp(out->disks[k].name, d->name) == 0) {
+        set_err(err, errlen, "disk '%s' is named twice", d->name);
+        return -EPROTO;
+      }
+  }
+  out->ndisks = (unsigned)json_array_size(disks);
+  return 0;
+}

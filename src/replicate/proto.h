@@ -1,0 +1,154 @@
+/* proto: the replication session protocol carried in site link frames
+ * (docs/protocol.md has the whole story; this is the wire layout).
+ *
+ * One session per migration, on one link connection at a time, opened by
+ * the source.  The source's frames that change the destination (DATA, CTRL,
+ * BLOB) carry consecutive sequence numbers starting at 1; the destination
+ * applies them strictly in order, so "everything up to seq N" describes its
+ * state, acknowledges durability with ACK(N), and after a reconnect tells the
+ * source the N it holds (HELLO_OK), from which the source sends again.  A
+ * frame whose payload fails its checksum is answered by NACK(seq): the source
+ * sends again from seq, and the destination drops what arrives out of order
+ * meanwhile.  HELLO, PING and the destination's frames are not sequenced
+ * (seq 0).
+ *
+ *   type         dir   payload
+ *   HELLO    1   s->d  JSON {"session","migration","vm","source_site","disks":[{"name",
+ *                      "size","granularity"}],"protocol":1}
+ *   HELLO_OK 2   d->s  JSON {"session","applied_seq","state","disks":[{"name","bg_hwm"}]}
+ *   DATA     3   s->d  data header (below) + bytes for DATA_KIND_DATA
+ *   CTRL     4   s->d  JSON {"op":..., "req":N, ...}   (proto_parse_ctrl)
+ *   REPLY    5   d->s  JSON {"req":N, "ok":bool, "error":"...", ...}
+ *   ACK      6   d->s  u64 applied_seq, everything up to it durable
+ *   NACK     7   d->s  u64 seq to send again from
+ *   PING     8   s->d  u64 sender's clock (ns), echoed in PONG
+ *   PONG     9   d->s  u64 the PING's value
+ *   BLOB    10   s->d  u64 offset, u64 total, bytes: a piece of the VM state
+ *   HASHES  11   d->s  u64 req, u32 disk, u32 count, u64 first region, count x u64
+ *   ERROR   12   d->s  JSON {"error":"...","fatal":bool}; the sender closes after it
+ *
+ * DATA header (24 bytes, little endian): u32 disk index, u8 kind (1 data,
+ * 2 zero), u8 flags (DATA_F_BACKGROUND: sent by the background cursor, so
+ * the destination's background high-water mark moves to its end), u16 0,
+ * u64 offset, u64 length.  Data frames carry exactly `length` bytes after the
+ * header; zero frames none (length may exceed a frame).
+ *
+ * Every parser here validates everything it reads and returns -EPROTO with a
+ * message on anything malformed; none trusts a length it has not checked
+ * against the payload (fuzz/fuzz_proto.c).
+ */
+#ifndef FERRY_PROTO_H
+#define FERRY_PROTO_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define PROTO_VERSION 1
+
+enum proto_type {
+  MSG_HELLO = 1,
+  MSG_HELLO_OK = 2,
+  MSG_DATA = 3,
+  MSG_CTRL = 4,
+  MSG_REPLY = 5,
+  MSG_ACK = 6,
+  MSG_NACK = 7,
+  MSG_PING = 8,
+  MSG_PONG = 9,
+  MSG_BLOB = 10,
+  MSG_HASHES = 11,
+  MSG_ERROR = 12,
+};
+const char *proto_type_name(unsigned type);
+/* True for the source's frames that carry a sequence number. */
+bool proto_is_sequenced(unsigned type);
+
+#define DATA_HEADER_SIZE 24
+#define DATA_KIND_DATA 1
+#define DATA_KIND_ZERO 2
+#define DATA_F_BACKGROUND 1u
+#define PROTO_MAX_DISKS 16
+#define PROTO_MAX_HASHES 16384                /* regions per HASHES reply */
+#define PROTO_MAX_BLOB (256u * 1024 * 1024)   /* largest VM state */
+
+struct proto_data {
+  uint32_t disk;
+  uint8_t kind;
+  uint8_t flags;
+  uint64_t offset, length;
+  const void *bytes;         /* DATA_KIND_DATA: length bytes, inside the payload */
+};
+
+void proto_data_encode(const struct proto_data *d, uint8_t out[DATA_HEADER_SIZE]);
+int proto_data_parse(const void *payload, uint32_t len, struct proto_data *out, char *err,
+                     size_t errlen);
+
+struct proto_blob {
+  uint64_t offset, total;
+  const void *bytes;
+  uint32_t len;
+};
+#define BLOB_HEADER_SIZE 16
+void proto_blob_encode(uint64_t offset, uint64_t total, uint8_t out[BLOB_HEADER_SIZE]);
+int proto_blob_parse(const void *payload, uint32_t len, struct proto_blob *out, char *err,
+                     size_t errlen);
+
+#define HASHES_HEADER_SIZE 24
+struct proto_hashes {
+  uint64_t req;
+  uint32_t disk, count;
+  uint64_t first;
+  const uint8_t *hashes;     /* count little-endian u64, inside the payload */
+};
+void proto_hashes_encode_header(const struct proto_hashes *h, uint8_t out[HASHES_HEADER_SIZE]);
+int proto_hashes_parse(const void *payload, uint32_t len, struct proto_hashes *out, char *err,
+                       size_t errlen);
+uint64_t proto_hash_at(const struct proto_hashes *h, uint32_t i);
+
+/* u64 payloads of ACK, NACK, PING, PONG. */
+void proto_u64_encode(uint64_t v, uint8_t out[8]);
+int proto_u64_parse(const void *payload, uint32_t len, uint64_t *out, char *err, size_t errlen);
+
+/* A JSON object payload (HELLO, HELLO_OK, CTRL, REPLY, ERROR); NULL with err
+ * when not one (or deeper/longer than sane). */
+json_t *proto_json_parse(const void *payload, uint32_t len, char *err, size_t errlen);
+
+/* CTRL requests, checked field by field. */
+enum proto_op {
+  OP_FLUSH = 1,        /* make everything applied durable; reply {"applied_seq"} */
+  OP_HASH,             /* {"disk","first","count"}: reply is a HASHES frame */
+  OP_VM_STATE,         /* {"size","xxh64"}: the BLOB frames before it are the whole state */
+  OP_ACTIVATE,         /* {"vm":{"name","driver","workload","disks":[...]}} */
+  OP_COMPLETE,         /* {"downtime_ms", ...}: the migration is done */
+  OP_ABORT,            /* {"reason"}: undo everything at the destination */
+};
+struct proto_ctrl {
+  enum proto_op op;
+  uint64_t req;
+  uint32_t disk;                   /* HASH */
+  uint64_t first, count;           /* HASH: regions */
+  uint64_t size, xxh64;            /* VM_STATE */
+  json_t *body;                    /* the whole request (borrowed from the parse) */
+};
+int proto_parse_ctrl(json_t *j, struct proto_ctrl *out, char *err, size_t errlen);
+
+/* HELLO, checked: names valid, sizes and granularities sane, <= PROTO_MAX_DISKS. */
+struct proto_hello_disk {
+  char name[65];
+  uint64_t size, granularity;
+};
+struct proto_hello {
+  char session[48];
+  char vm[65];
+  char source_site[65];
+  unsigned ndisks;
+  struct proto_hello_disk disks[PROTO_MAX_DISKS];
+};
+int proto_parse_hello(json_t *j, struct proto_hello *out, char *err, size_t errlen);
+
+/* Migration ids: "m-" + 12 lowercase hex digits. */
+bool proto_id_is_valid(const char *s);
+
+#endif
