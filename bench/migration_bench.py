@@ -204,7 +204,6 @@ class Bench:
         mem_a, mem_b = hwm_kib(pa.pid), hwm_kib(pb.pid)
         # The same image, for the cold copies (the source disk is fenced now).
         cold = self.tmp / "cold.img"
-        shutil.copyfile(image, cold) if not self.a.reflink else None
         subprocess.run(["cp", "--sparse=always", str(image), str(cold)], check=True)
         for p in (pa, pb, pw):
             self.procs.stop(p)
@@ -349,7 +348,6 @@ def main():
     ap.add_argument("--workload", default="write=70,bs=4k,iops=1000,zipf=0.9,qd=8")
     ap.add_argument("--max-downtime", default="500ms")
     ap.add_argument("--json")
-    ap.add_argument("--reflink", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     for tool in ("qemu-nbd", "qemu-img", "nbdcopy"):
         if not shutil.which(tool):

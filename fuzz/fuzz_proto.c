@@ -1,7 +1,8 @@
 /* fuzz_proto: libFuzzer target for every parser of the replication session
  * protocol (src/replicate/proto.c): what a destination reads from a source
- * (HELLO, DATA, CTRL, BLOB, PING) and what a source reads from a destination
- * (HELLO_OK, REPLY, ACK, NACK, HASHES, ERROR).
+ * (HELLO, DATA, CTRL, BLOB, PING, TUNNEL_OPEN, QUERY, and the VM description
+ * in them: vm_spec_from_json) and what a source reads from a destination
+ * (HELLO_OK, REPLY, ACK, NACK, HASHES, ERROR, QUERY_REPLY).
  *
  * The first input byte picks the frame type (as on the wire), the rest is the
  * payload, exactly as link_recv hands it over.  Accepted inputs are checked
@@ -13,6 +14,7 @@
 
 #include "common/log.h"
 #include "replicate/proto.h"
+#include "vm/vm.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -25,7 +27,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
   }
   if (size < 1 || size > (1u << 20))
     return 0;
-  uint8_t type = data[0] % 13;
+  uint8_t type = data[0] % 18;
   /* A copy of exactly the payload, so ASan sees any read past its end. */
   uint32_t len = (uint32_t)(size - 1);
   uint8_t *p = malloc(len ? len : 1);
@@ -79,6 +81,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
       struct proto_hello h;
       proto_parse_ctrl(j, &c, err, sizeof err);
       proto_parse_hello(j, &h, err, sizeof err);
+      /* The VM a peer describes (activate, prepare_incoming, QUERY). */
+      static struct vm_spec spec;
+      const json_t *vm = json_object_get(j, "vm");
+      if (vm_spec_from_json(vm ? vm : j, &spec, err, sizeof err) == 0) {
+        if (strlen(spec.name) > 64 || spec.ndisks > VM_MAX_DISKS || spec.nnics > VM_MAX_NICS)
+          abort();
+        json_t *back = vm_spec_to_json(&spec);
+        static struct vm_spec again;
+        if (vm_spec_from_json(back, &again, err, sizeof err) != 0)
+          abort();                        /* what we describe we must accept */
+        json_decref(back);
+      }
       for (unsigned i = 0; i < h.ndisks && i < PROTO_MAX_DISKS; i++)
         if (strlen(h.disks[i].name) > 64)
           abort();

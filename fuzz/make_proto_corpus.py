@@ -10,6 +10,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "corpus", "proto")
 
 DATA, CTRL, BLOB, HASHES, ACK, HELLO, HELLO_OK, REPLY = 3, 4, 10, 11, 6, 1, 2, 5
+TUNNEL_OPEN, QUERY = 13, 16
+
+# A qemu VM as vm_spec_to_json describes it (the destination parses it with
+# vm_spec_from_json).
+QEMU_VM = {"name": "vm1", "driver": "qemu", "disks": ["vda"], "workload": "",
+           "memory": 268435456, "cpus": 1, "machine": "q35", "cpu_model": "",
+           "nics": [{"network": "lan", "model": "virtio-net-pci", "mac": "52:54:00:12:34:56"}],
+           "kernel": "", "initrd": "", "append": ""}
 
 
 def data(disk, kind, flags, off, length, payload=b""):
@@ -31,12 +39,30 @@ seeds = {
         "disks": [{"name": "vda", "bg_hwm": 1048576}]}).encode(),
     "ctrl_hash": bytes([CTRL]) + json.dumps(
         {"op": "hash", "req": 3, "disk": 0, "first": 0, "count": 1024}).encode(),
+    "ctrl_hash_list": bytes([CTRL]) + json.dumps(
+        {"op": "hash", "req": 3, "disk": 0, "regions": [5, 1, 99]}).encode(),
     "ctrl_state": bytes([CTRL]) + json.dumps(
         {"op": "vm_state", "req": 4, "size": 5, "xxh64": "0123456789abcdef"}).encode(),
     "ctrl_activate": bytes([CTRL]) + json.dumps(
         {"op": "activate", "req": 5, "vm": {"name": "vm1", "driver": "sim",
                                              "workload": "write=70", "disks": ["vda"]}}).encode(),
     "ctrl_flush": bytes([CTRL]) + json.dumps({"op": "flush", "req": 1}).encode(),
+    "hello_cold": bytes([HELLO]) + json.dumps({
+        "protocol": 1, "session": "m-0123456789ab", "migration": "m-0123456789ab",
+        "vm": "vm1", "mode": "cold", "source_site": "onprem",
+        "disks": [{"name": "vda", "size": 1 << 30, "granularity": 65536}]}).encode(),
+    "ctrl_prepare_incoming": bytes([CTRL]) + json.dumps(
+        {"op": "prepare_incoming", "req": 6, "vm": QEMU_VM}).encode(),
+    "ctrl_activate_incoming": bytes([CTRL]) + json.dumps(
+        {"op": "activate", "req": 7, "incoming": True, "vm": QEMU_VM}).encode(),
+    "ctrl_incoming_status": bytes([CTRL]) + json.dumps(
+        {"op": "incoming_status", "req": 8}).encode(),
+    "ctrl_discard_incoming": bytes([CTRL]) + json.dumps(
+        {"op": "discard_incoming", "req": 9}).encode(),
+    "tunnel_open": bytes([TUNNEL_OPEN]) + json.dumps({"migration": "m-0123456789ab"}).encode(),
+    "query_preflight": bytes([QUERY]) + json.dumps(
+        {"op": "preflight", "mode": "live", "vm": QEMU_VM,
+         "disks": [{"name": "vda", "size": 1 << 30, "allocated": 1 << 20}]}).encode(),
     "reply": bytes([REPLY]) + json.dumps({"req": 1, "ok": True, "applied_seq": 9}).encode(),
 }
 

@@ -15,6 +15,11 @@ PACKAGES=(
   libnbd-bin                    # nbdinfo, nbdcopy
   python3-libnbd                # python `import nbd`, nbdsh
   nbdkit qemu-utils fio
+  rsync                         # the migration benchmark's reference
+  # the test guest (tests/guest/build.sh, docs/guest.md): QEMU (TCG), a static
+  # busybox and writer (libc.a), the Debian kernel's .deb unpacked by the build
+  # (xz/zstd payloads, depmod for modules.dep); the kernel is not installed
+  qemu-system-x86 busybox-static libc6-dev xz-utils zstd kmod
   # test runner and helpers
   python3 python3-pytest curl procps coreutils sqlite3
 )

@@ -32,6 +32,9 @@ void api_answer_errno(struct http_response *resp, int err, const char *msg, bool
   case -EHOSTUNREACH:
     http_error(resp, 503, "unavailable", "%s", msg);
     break;
+  case -EOPNOTSUPP:
+    http_error(resp, 501, "not_supported", "%s", msg);
+    break;
   case -ENOMEM:
     http_error(resp, 500, "internal", "%s", msg);
     break;
@@ -43,7 +46,8 @@ void api_answer_errno(struct http_response *resp, int err, const char *msg, bool
 
 void api_log_server_error(struct http_request *req, const struct http_response *resp)
 {
-  if (resp->status < 500 || !resp->body)
+  /* 501: the driver cannot do that; nothing failed in ferryd. */
+  if (resp->status < 500 || resp->status == 501 || !resp->body)
     return;
   const char *msg = json_string_value(json_object_get(json_object_get(resp->body, "error"),
                                                       "message"));
@@ -192,6 +196,7 @@ int api_start(struct api *a, const char *host_port, char *err, size_t errlen)
     const struct { const struct http_route *r; size_t n; } parts[] = {
       { disk_routes, disk_nroutes }, { site_routes, site_nroutes },
       { vm_routes, vm_nroutes }, { migration_routes, migration_nroutes },
+      { host_routes, host_nroutes },
     };
     for (size_t p = 0; p < ARRAY_SIZE(parts); p++)
       for (size_t i = 0; i < parts[p].n && n < ARRAY_SIZE(all); i++)

@@ -5,6 +5,7 @@
  *   disk_api.c       /v1/health, /v1/disks...
  *   site_api.c       /v1/site, /v1/peers...
  *   vm_api.c         /v1/vms...
+ *   host_api.c       /v1/hypervisors..., /v1/networks...
  *   migration_api.c  /v1/migrations...
  *
  * Every handler gets the struct api as its ctx; everything it points to is
@@ -46,15 +47,18 @@ int api_start(struct api *a, const char *host_port, char *err, size_t errlen);
 const char *api_url(const struct api *a);
 void api_stop(struct api *a);
 
-extern const struct http_route disk_routes[], site_routes[], vm_routes[], migration_routes[];
-extern const size_t disk_nroutes, site_nroutes, vm_nroutes, migration_nroutes;
+extern const struct http_route disk_routes[], site_routes[], vm_routes[], migration_routes[],
+  host_routes[];
+extern const size_t disk_nroutes, site_nroutes, vm_nroutes, migration_nroutes, host_nroutes;
 
 /* -errno -> HTTP error: -EINVAL 400 invalid_argument, -ENOENT 404 not_found
  * (400 when enoent_is_input: the route exists, an input names something
  * missing), -EEXIST 409 already_exists, -EBUSY 409 busy, -EHOSTUNREACH 503
- * unavailable, -ENOMEM 500 internal, anything else 500 io_error. */
+ * unavailable, -EOPNOTSUPP 501 not_supported, -ENOMEM 500 internal, anything else
+ * 500 io_error. */
 void api_answer_errno(struct http_response *resp, int err, const char *msg, bool enoent_is_input);
-/* Logs answers >= 500 once (4xx are the client's business). */
+/* Logs answers >= 500 once (4xx are the client's business; 501 is a driver
+ * that cannot do what was asked, not a failure). */
 void api_log_server_error(struct http_request *req, const struct http_response *resp);
 /* Disk/VM/site names: name_is_valid(); false with 400 set. */
 bool api_valid_name(const char *name, struct http_response *resp);

@@ -33,7 +33,7 @@ static void h_start(void *ctx, struct http_request *req, struct http_response *r
 {
   struct api *a = ctx;
   static const char *const fields[] = { "vm", "to", "mode", "max_downtime", "rate_limit",
-                                        "verify", NULL };
+                                        "verify", "networks", "preflight_only", NULL };
   if (!http_query_check(req, NULL, resp))
     return;
   json_t *body = http_body_object(req, false, resp);
@@ -58,18 +58,55 @@ static void h_start(void *ctx, struct http_request *req, struct http_response *r
     http_error(resp, 400, "invalid_argument", "'max_downtime' must be more than 0");
     goto out;
   }
+  json_t *jn = json_object_get(body, "networks"), *jp = json_object_get(body, "preflight_only");
+  if (jp && !json_is_boolean(jp)) {
+    http_error(resp, 400, "invalid_argument", "'preflight_only' must be true or false");
+    goto out;
+  }
+  mr.preflight_only = json_is_true(jp);
+  if (jn) {
+    /* {"SRC": "DST", ...}: NICs on SRC here join DST there. */
+    if (!json_is_object(jn) || json_object_size(jn) > NETWORK_MAP_MAX) {
+      http_error(resp, 400, "invalid_argument", "'networks' must be an object of at most %d "
+                 "\"SOURCE\": \"DESTINATION\" network names", NETWORK_MAP_MAX);
+      goto out;
+    }
+    const char *k;
+    json_t *v;
+    json_object_foreach(jn, k, v) {
+      const char *dst = json_string_value(v);
+      if (!name_is_valid(k) || !dst || !name_is_valid(dst)) {
+        http_error(resp, 400, "invalid_argument", "'networks': '%.64s' -> %s: network names "
+                   "are 1-64 characters of [A-Za-z0-9._-]", k, dst ? dst : "(not a string)");
+        goto out;
+      }
+      snprintf(mr.networks.from[mr.networks.n], sizeof mr.networks.from[0], "%s", k);
+      snprintf(mr.networks.to[mr.networks.n], sizeof mr.networks.to[0], "%s", dst);
+      mr.networks.n++;
+    }
+  }
   snprintf(mr.vm, sizeof mr.vm, "%s", vm);
   snprintf(mr.to, sizeof mr.to, "%s", to);
   snprintf(mr.mode, sizeof mr.mode, "%s", mode ? mode : "live");
   mr.verify_full = verify && strcmp(verify, "full") == 0;
-  char id[32], err[512];
-  int r = migrations_start(a->migrations, &mr, id, sizeof id, err, sizeof err);
-  if (r < 0) {
+  char id[32], err[1024];
+  json_t *checks = NULL;
+  int r = migrations_start(a->migrations, &mr, id, sizeof id, &checks, err, sizeof err);
+  if (r == -EPERM && checks) {
+    /* The whole list, so the operator sees every failed check at once. */
+    http_reply(resp, 412, json_pack("{s:{s:s, s:s}, s:o}", "error", "code", "preflight_failed",
+                                    "message", err, "preflight", checks));
+    checks = NULL;
+  } else if (r < 0) {
     api_answer_errno(resp, r, err, true);
     api_log_server_error(req, resp);
-    goto out;
+  } else if (mr.preflight_only) {
+    http_reply(resp, 200, json_pack("{s:b, s:o}", "ok", true, "preflight", checks));
+    checks = NULL;
+  } else {
+    http_reply(resp, 201, migration_json(a->migrations, id, err, sizeof err));
   }
-  http_reply(resp, 201, migration_json(a->migrations, id, err, sizeof err));
+  json_decref(checks);
 out:
   json_decref(body);
 }

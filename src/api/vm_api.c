@@ -1,4 +1,4 @@
-/* vm_api: /v1/vms (docs/api.md): define, run and check VMs. */
+/* vm_api: /v1/vms (docs/api.md): define, run and check VMs (sim and qemu). */
 #include <errno.h>
 #include <stdio.h>
 #include <string.h>
@@ -25,51 +25,24 @@ static void h_list(void *ctx, struct http_request *req, struct http_response *re
 static void h_create(void *ctx, struct http_request *req, struct http_response *resp)
 {
   struct api *a = ctx;
-  static const char *const fields[] = { "name", "driver", "disks", "workload", NULL };
   if (!http_query_check(req, NULL, resp))
     return;
   json_t *body = http_body_object(req, false, resp);
   if (!body)
     return;
-  const char *name, *driver, *workload;
-  struct vm_spec spec = { 0 };
-  if (!api_only_fields(body, fields, resp) ||
-      !api_string_field(body, "name", true, 64, &name, resp) || !api_valid_name(name, resp) ||
-      !api_string_field(body, "driver", false, 15, &driver, resp) ||
-      !api_string_field(body, "workload", false, sizeof spec.workload - 1, &workload, resp))
-    goto out;
-  json_t *disks = json_object_get(body, "disks");
-  if (!json_is_array(disks) || json_array_size(disks) == 0 ||
-      json_array_size(disks) > VM_MAX_DISKS) {
-    http_error(resp, 400, "invalid_argument", "'disks' must be an array of 1 to %d disk names",
-               VM_MAX_DISKS);
-    goto out;
-  }
-  size_t i;
-  json_t *x;
-  json_array_foreach(disks, i, x) {
-    const char *d = json_string_value(x);
-    if (!d) {
-      http_error(resp, 400, "invalid_argument", "'disks' must hold disk names");
-      goto out;
-    }
-    if (!api_valid_name(d, resp))
-      goto out;
-    snprintf(spec.disks[spec.ndisks++], sizeof spec.disks[0], "%s", d);
-  }
-  snprintf(spec.name, sizeof spec.name, "%s", name);
-  snprintf(spec.driver, sizeof spec.driver, "%s", driver ? driver : "sim");
-  snprintf(spec.workload, sizeof spec.workload, "%s", workload ? workload : "");
+  /* The one parser of VM definitions (vm.h), the same a peer site's
+   * spec goes through. */
+  struct vm_spec spec;
   char err[512];
-  int r = vm_create(a->vms, &spec, err, sizeof err);
+  int r = vm_spec_from_json(body, &spec, err, sizeof err);
+  if (r == 0)
+    r = vm_create(a->vms, &spec, err, sizeof err);
   if (r < 0) {
     api_answer_errno(resp, r, err, true);
     api_log_server_error(req, resp);
-    goto out;
+  } else {
+    http_reply(resp, 201, vm_json(a->vms, spec.name, err, sizeof err));
   }
-  json_t *j = vm_json(a->vms, name, err, sizeof err);
-  http_reply(resp, 201, j);
-out:
   json_decref(body);
 }
 

@@ -49,6 +49,8 @@ int cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((format
 int cmd_disk(struct cli *c, int argc, char **argv);
 int cmd_site(struct cli *c, int argc, char **argv);
 int cmd_vm(struct cli *c, int argc, char **argv);
+int cmd_network(struct cli *c, int argc, char **argv);      /* host_cmd.c */
+int cmd_hypervisor(struct cli *c, int argc, char **argv);   /* host_cmd.c */
 int cmd_migrate(struct cli *c, int argc, char **argv);
 int cmd_migration(struct cli *c, int argc, char **argv);
 

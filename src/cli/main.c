@@ -44,9 +44,14 @@ static void usage(FILE *f)
     "                              pair one way from a fingerprint given out of band\n"
     "  site unpair NAME            forget a peer\n"
     "  vm create NAME --disk DISK [--disk DISK...] [--driver sim] [--workload SPEC]\n"
-    "                              define a VM\n"
+    "  vm create NAME --driver qemu --disk DISK [--memory 1G] [--cpus N] [--nic ...]\n"
+    "                              define a VM (ferry vm create --help)\n"
     "  vm list | show | start | pause | resume | stop | verify | rm NAME\n"
     "  vm workload NAME SPEC       change a VM's workload\n"
+    "  network add NAME --type user|bridge [--bridge BR] | list | show | rm NAME\n"
+    "                              the networks VM NICs attach to\n"
+    "  hypervisor show qemu|sim [--refresh] | list\n"
+    "                              what this host offers: QEMU, machines, CPU models, KVM\n"
     "  migrate VM --to SITE [--mode live] [--max-downtime 500ms] [--rate-limit RATE]\n"
     "          [--verify incremental|full] [--wait]\n"
     "                              live-migrate a running VM to a paired site\n"
@@ -108,6 +113,15 @@ static void print_refusal(long status, const json_t *answer, const char *raw)
   const char *msg = json_string_value(json_object_get(e, "message"));
   if (code && msg) {
     fprintf(stderr, "ferry: %s: %s\n", code, msg);
+    /* A refused migration says which checks failed, and which passed. */
+    const json_t *checks = json_object_get(answer, "preflight");
+    size_t i;
+    const json_t *x;
+    json_array_foreach(checks, i, x)
+      fprintf(stderr, "  %-4s %-28s %s\n",
+              json_is_true(json_object_get(x, "ok")) ? "ok" : "FAIL",
+              json_string_value(json_object_get(x, "check")),
+              json_string_value(json_object_get(x, "detail")));
   } else {
     /* Not ferryd's error shape: something else answers at that URL. */
     int n = raw ? (int)strcspn(raw, "\r\n") : 0;
@@ -390,6 +404,10 @@ int main(int argc, char **argv)
     ret = cmd_site(&c, argc - 1, argv + 1);
   else if (strcmp(cmd, "vm") == 0)
     ret = cmd_vm(&c, argc - 1, argv + 1);
+  else if (strcmp(cmd, "network") == 0 || strcmp(cmd, "networks") == 0)
+    ret = cmd_network(&c, argc - 1, argv + 1);
+  else if (strcmp(cmd, "hypervisor") == 0 || strcmp(cmd, "hypervisors") == 0)
+    ret = cmd_hypervisor(&c, argc - 1, argv + 1);
   else if (strcmp(cmd, "migrate") == 0)
     ret = cmd_migrate(&c, argc - 1, argv + 1);
   else if (strcmp(cmd, "migration") == 0 || strcmp(cmd, "migrations") == 0)

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "cli/cli.h"
+#include "replicate/migration.h"
 #include "common/util.h"
 
 #define BAR_WIDTH 30
@@ -91,10 +92,22 @@ static void print_summary(const json_t *m)
   const char *err = json_string_value(json_object_get(m, "error"));
   if (err)
     printf("  %s\n", err);
-  if (strcmp(state, "completed") == 0)
-    printf("  downtime:     %llu ms (pause to resume; budget %llu ms)\n",
+  const json_t *params = json_object_get(m, "params");
+  bool qemu = strcmp(j_str(json_object_get(params, "vm"), "driver"), "qemu") == 0;
+  bool cold = strcmp(j_str(m, "mode"), "cold") == 0;
+  if (strcmp(state, "completed") == 0 && cold)
+    printf("  downtime:     the VM was powered down for the copy (cold)\n");
+  else if (strcmp(state, "completed") == 0)
+    printf("  downtime:     %llu ms (%s; budget %llu ms)\n",
            (unsigned long long)j_u64(cut, "downtime_ms"),
-           (unsigned long long)j_u64(json_object_get(m, "params"), "max_downtime_ms"));
+           qemu ? "QEMU's STOP to RESUME" : "pause to resume",
+           (unsigned long long)j_u64(params, "max_downtime_ms"));
+  const json_t *ram = json_object_get(p, "ram");
+  if (qemu && !cold && j_u64(ram, "sent")) {
+    char rb[32];
+    printf("  RAM:          %s by QEMU's migration through the site link\n",
+           fmt_bytes(j_u64(ram, "sent"), rb, sizeof rb));
+  }
   printf("  on the wire:  %s; data %s, zero ranges %s, sent again %s\n",
          fmt_bytes(j_u64(b, "wire_sent"), w, sizeof w), fmt_bytes(j_u64(b, "data_sent"), d, sizeof d),
          fmt_bytes(j_u64(b, "zero_ranges"), z, sizeof z), fmt_bytes(j_u64(b, "resent"), r, sizeof r));
@@ -174,14 +187,21 @@ static int wait_for(struct cli *c, const char *id)
 }
 
 static const char usage_migrate[] =
-  "Usage: ferry migrate VM --to SITE [--mode live] [--max-downtime DURATION]\n"
-  "                     [--rate-limit RATE] [--verify incremental|full] [--wait]\n"
-  "Moves a running VM and its disks to a paired site while it keeps running:\n"
-  "background copy of its disks, foreground copy of what it writes meanwhile,\n"
-  "then a cutover that pauses it, drains the last writes, checks that the\n"
-  "destination equals the source, moves its state and resumes it there.\n"
+  "Usage: ferry migrate VM --to SITE [--mode live|cold] [--max-downtime DURATION]\n"
+  "                     [--rate-limit RATE] [--verify incremental|full]\n"
+  "                     [--map-network SRC=DST]... [--preflight] [--wait]\n"
+  "Moves a VM and its disks to a paired site.  First a pre-flight checks, at both\n"
+  "sites, everything that could make it fail (the hypervisor at the destination\n"
+  "and its version, machine type, CPU model, memory, disk space, names, networks);\n"
+  "a failed check stops it before anything changes, and the list is printed.\n"
+  "live: the VM keeps running: background copy of its disks, foreground copy of\n"
+  "what it writes meanwhile, then a cutover that pauses it, drains the last\n"
+  "writes, checks that the destination equals the source, moves its state (qemu:\n"
+  "its RAM, by QEMU's migration through the site link) and resumes it there.\n"
+  "cold: the VM is powered down, its disks copied and checked, and it boots at\n"
+  "the destination.\n"
   "  --to SITE             the peer's name or API URL (see 'ferry site peers')\n"
-  "  --mode live           the only mode so far [live]\n"
+  "  --mode MODE           live or cold [live]\n"
   "  --max-downtime D      the pause the cutover may take, e.g. 500ms, 2s [500ms];\n"
   "                        the cutover waits until the backlog fits in it, and write\n"
   "                        backpressure slows the VM if it would never fit\n"
@@ -191,20 +211,37 @@ static const char usage_migrate[] =
   "  --verify MODE         incremental: a sweep checks every region while the VM runs,\n"
   "                        the pause re-checks what changed since; full: the pause\n"
   "                        checks every region (longer downtime) [incremental]\n"
+  "  --map-network S=D     the VM's NICs on network S here join network D at the\n"
+  "                        destination (repeatable); unmapped networks keep their name\n"
+  "                        and must exist there\n"
+  "  --preflight           run the checks only, print them, start nothing\n"
   "  --wait                show progress until the migration ends; exit 0 when it\n"
   "                        completed, 1 when it failed or was cancelled\n"
   "Prints the migration id; follow it with 'ferry migration show ID'.\n";
 
+static void print_checks(const json_t *answer)
+{
+  size_t i;
+  const json_t *x;
+  json_array_foreach(json_object_get(answer, "preflight"), i, x)
+    printf("  %-4s %-28s %s\n", json_is_true(json_object_get(x, "ok")) ? "ok" : "FAIL",
+           j_str(x, "check"), j_str(x, "detail"));
+}
+
 int cmd_migrate(struct cli *c, int argc, char **argv)
 {
   const char *to = NULL, *mode = NULL, *downtime = NULL, *rate = NULL, *verify = NULL, *pos[1];
-  bool wait = false;
+  const char *maps[NETWORK_MAP_MAX];
+  unsigned nmaps = 0;
+  bool wait = false, preflight = false;
   const struct opt_spec spec[] = {
     { "to", true, &to, NULL, NULL, NULL, 0 },
     { "mode", true, &mode, NULL, NULL, NULL, 0 },
     { "max-downtime", true, &downtime, NULL, NULL, NULL, 0 },
     { "rate-limit", true, &rate, NULL, NULL, NULL, 0 },
     { "verify", true, &verify, NULL, NULL, NULL, 0 },
+    { "map-network", true, NULL, NULL, maps, &nmaps, NETWORK_MAP_MAX },
+    { "preflight", false, NULL, &preflight, NULL, NULL, 0 },
     { "wait", false, NULL, &wait, NULL, NULL, 0 },
   };
   int npos, r = parse_args("migrate", usage_migrate, argc, argv, spec, ARRAY_SIZE(spec), pos, 1,
@@ -215,8 +252,8 @@ int cmd_migrate(struct cli *c, int argc, char **argv)
     return r;
   if (!to || !to[0])
     return cli_usage_error("migrate", "missing --to SITE");
-  if (mode && strcmp(mode, "live") != 0)
-    return cli_usage_error("migrate", "unknown --mode '%s' (live)", mode);
+  if (mode && strcmp(mode, "live") != 0 && strcmp(mode, "cold") != 0)
+    return cli_usage_error("migrate", "unknown --mode '%s' (live, cold)", mode);
   if (verify && strcmp(verify, "full") != 0 && strcmp(verify, "incremental") != 0)
     return cli_usage_error("migrate", "bad --verify '%s': incremental or full", verify);
   uint64_t rl = 0;
@@ -231,7 +268,29 @@ int cmd_migrate(struct cli *c, int argc, char **argv)
       return cli_usage_error("migrate", "bad --max-downtime '%s': expected e.g. 500ms, 2s",
                              downtime);
   }
+  json_t *netmap = json_object();
+  for (unsigned i = 0; i < nmaps; i++) {
+    const char *eq = strchr(maps[i], '=');
+    char src[65];
+    if (!eq || eq == maps[i] || (size_t)(eq - maps[i]) >= sizeof src || !name_is_valid(eq + 1)) {
+      json_decref(netmap);
+      return cli_usage_error("migrate", "bad --map-network '%s': expected SRC=DST network "
+                             "names", maps[i]);
+    }
+    snprintf(src, sizeof src, "%.*s", (int)(eq - maps[i]), maps[i]);
+    if (!name_is_valid(src) || json_object_get(netmap, src)) {
+      json_decref(netmap);
+      return cli_usage_error("migrate", "bad --map-network '%s': %s", maps[i],
+                             name_is_valid(src) ? "network mapped twice" : "bad network name");
+    }
+    json_object_set_new(netmap, src, json_string(eq + 1));
+  }
   json_t *body = json_pack("{s:s, s:s, s:s}", "vm", pos[0], "to", to, "mode", mode ? mode : "live");
+  if (nmaps)
+    json_object_set(body, "networks", netmap);
+  json_decref(netmap);
+  if (preflight)
+    json_object_set_new(body, "preflight_only", json_true());
   if (downtime) {
     char *end;
     double v = strtod(downtime, &end);
@@ -250,11 +309,19 @@ int cmd_migrate(struct cli *c, int argc, char **argv)
   json_decref(body);
   if (r != EXIT_OK)
     return r;
+  if (preflight) {
+    if (!c->json) {
+      printf("pre-flight for VM %s to site %s: every check passed\n", pos[0], to);
+      print_checks(answer);
+    }
+    json_decref(answer);
+    return EXIT_OK;
+  }
   char id[32];
   snprintf(id, sizeof id, "%s", j_str(answer, "id"));
   if (!c->json)
-    printf("migration %s started: VM %s to site %s (live, max downtime %llu ms)\n", id, pos[0],
-           j_str(answer, "peer"),
+    printf("migration %s started: VM %s to site %s (%s, max downtime %llu ms)\n", id, pos[0],
+           j_str(answer, "peer"), j_str(answer, "mode"),
            (unsigned long long)j_u64(json_object_get(answer, "params"), "max_downtime_ms"));
   json_decref(answer);
   return wait ? wait_for(c, id) : EXIT_OK;

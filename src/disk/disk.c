@@ -66,6 +66,7 @@ struct disk {
   _Atomic uint64_t limit_backpressure; /* bytes/s, 0 = none (a migration) */
   pthread_mutex_t limit_lock;          /* orders updates of the two limits */
   _Atomic bool fenced;
+  _Atomic bool fence_admits;           /* fenced, yet new clients may attach (read only) */
   pthread_mutex_t fence_lock;          /* guards fence_reason and cbt_owner */
   char fence_reason[160];
   char cbt_owner[64];                  /* "" or the migration that consumes the map */
@@ -338,10 +339,19 @@ void disk_set_fence(struct disk *d, const char *reason)
   pthread_mutex_lock(&d->fence_lock);
   snprintf(d->fence_reason, sizeof d->fence_reason, "%s", reason ? reason : "");
   atomic_store(&d->fenced, reason != NULL);
+  if (!reason)
+    atomic_store(&d->fence_admits, false);
   pthread_mutex_unlock(&d->fence_lock);
 }
 
 bool disk_fenced(const struct disk *d) { return atomic_load(&d->fenced); }
+
+void disk_set_fence_admits(struct disk *d, bool admits) { atomic_store(&d->fence_admits, admits); }
+
+bool disk_admits_clients(const struct disk *d)
+{
+  return !atomic_load(&d->fenced) || atomic_load(&d->fence_admits);
+}
 
 void disk_fence_reason(struct disk *d, char *buf, size_t len)
 {

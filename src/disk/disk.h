@@ -150,6 +150,12 @@ uint64_t disk_write_throttled_ns(struct disk *d);
  * The registry persists it; this is the in-memory switch. */
 void disk_set_fence(struct disk *d, const char *reason);   /* NULL = unfence */
 bool disk_fenced(const struct disk *d);
+/* A fenced disk that admits clients: a destination's incoming QEMU attaches
+ * before the switch-over (it reads, and writes nothing until it runs; any
+ * write is still refused while fenced).  Unfencing clears it. */
+void disk_set_fence_admits(struct disk *d, bool admits);
+/* Not fenced, or fenced but admitting (what the NBD server asks). */
+bool disk_admits_clients(const struct disk *d);
 /* Copies the reason into buf ("" when not fenced). */
 void disk_fence_reason(struct disk *d, char *buf, size_t len);
 

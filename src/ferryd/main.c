@@ -54,6 +54,8 @@ struct options {
   const char *link;           /* site link listener, NULL: off */
   const char *link_advertise; /* what peers dial, NULL: the bound address */
   const char *simvm;          /* the sim VM program, NULL: beside ferryd */
+  const char *qemu;           /* the QEMU program, NULL: qemu-system-x86_64 on $PATH */
+  unsigned qemu_stop_ms;      /* how long a qemu guest may take to power down */
   unsigned workers;
   enum log_level log_level;
   bool cbt, heat;
@@ -81,6 +83,10 @@ static void usage(FILE *f)
     "  --no-link               no site link listener: this site cannot receive\n"
     "                          migrations (it can still send them)\n"
     "  --simvm PATH            the simulated VM program [ferry-simvm beside ferryd]\n"
+    "  --qemu PATH             the QEMU program of qemu VMs [qemu-system-x86_64 on\n"
+    "                          $PATH]\n"
+    "  --qemu-stop-timeout D   how long `vm stop` waits for a qemu guest to power\n"
+    "                          down before it quits QEMU: 500ms, 30s, 2m [30s]\n"
     "  --workers N             helper threads per NBD connection for requests that\n"
     "                          may block, 0-%d [%d]\n"
     "  --log-level LEVEL       error, warn, info or debug [info]\n"
@@ -116,7 +122,8 @@ static void usage_error(const char *fmt, ...)
 static void parse_args(int argc, char **argv, struct options *o)
 {
   enum { OPT_DATA_DIR = 256, OPT_API, OPT_NBD, OPT_WORKERS, OPT_LOG_LEVEL, OPT_NO_CBT,
-         OPT_NO_HEAT, OPT_LINK, OPT_LINK_ADVERTISE, OPT_NO_LINK, OPT_SIMVM };
+         OPT_NO_HEAT, OPT_LINK, OPT_LINK_ADVERTISE, OPT_NO_LINK, OPT_SIMVM, OPT_QEMU,
+         OPT_QEMU_STOP };
   static const struct option longopts[] = {
     { "data-dir", required_argument, NULL, OPT_DATA_DIR },
     { "api", required_argument, NULL, OPT_API },
@@ -129,13 +136,16 @@ static void parse_args(int argc, char **argv, struct options *o)
     { "link-advertise", required_argument, NULL, OPT_LINK_ADVERTISE },
     { "no-link", no_argument, NULL, OPT_NO_LINK },
     { "simvm", required_argument, NULL, OPT_SIMVM },
+    { "qemu", required_argument, NULL, OPT_QEMU },
+    { "qemu-stop-timeout", required_argument, NULL, OPT_QEMU_STOP },
     { "help", no_argument, NULL, 'h' },
     { "version", no_argument, NULL, 'V' },
     { NULL, 0, NULL, 0 },
   };
   *o = (struct options){ .data_dir = DEFAULT_DATA_DIR, .api = DEFAULT_API,
                          .workers = DEFAULT_WORKERS, .log_level = LOG_INFO,
-                         .cbt = true, .heat = true, .link = DEFAULT_LINK };
+                         .cbt = true, .heat = true, .link = DEFAULT_LINK,
+                         .qemu_stop_ms = 30000 };
   opterr = 0;   /* our own messages */
   int c;
   while ((c = getopt_long(argc, argv, ":hV", longopts, NULL)) != -1) {
@@ -206,6 +216,23 @@ static void parse_args(int argc, char **argv, struct options *o)
         usage_error("--simvm needs a program path");
       o->simvm = optarg;
       break;
+    case OPT_QEMU:
+      if (!optarg[0])
+        usage_error("--qemu needs a program path");
+      o->qemu = optarg;
+      break;
+    case OPT_QEMU_STOP: {
+      char *end;
+      errno = 0;
+      double v = strtod(optarg, &end);
+      double mul = strcmp(end, "ms") == 0 ? 1 : strcmp(end, "s") == 0 || !*end ? 1000
+                   : strcmp(end, "m") == 0 ? 60000 : 0;
+      if (errno || end == optarg || mul == 0 || v <= 0 || v * mul > 3600e3 || v * mul < 1)
+        usage_error("bad --qemu-stop-timeout '%s': expected a duration such as 500ms, 30s, 2m "
+                    "(up to 1 h)", optarg);
+      o->qemu_stop_ms = (unsigned)(v * mul + 0.5);
+      break;
+    }
     case 'h':
       usage(stdout);
       exit(0);
@@ -429,7 +456,8 @@ int main(int argc, char **argv)
     log_error(NULL, "%s", err);
     goto out;
   }
-  struct vm_manager_options vopt = { .simvm_path = simvm };
+  struct vm_manager_options vopt = { .simvm_path = simvm, .qemu_path = o.qemu,
+                                     .qemu_stop_timeout_ms = o.qemu_stop_ms };
   if (!(dm.vms = vm_manager_open(data_dir, dm.db, dm.reg, dm.nbd, &vopt, err, sizeof err))) {
     log_error(NULL, "%s", err);
     goto out;

@@ -71,7 +71,7 @@ static void *export_open(void *ctx, const char *name)
 {
   struct nbd_listener *l = ctx;
   struct disk *d = registry_get(l->reg, name);
-  if (d && disk_fenced(d)) {
+  if (d && !disk_admits_clients(d)) {
     /* Another site is authoritative (or will be): no new client may attach. */
     char why[160];
     disk_fence_reason(d, why, sizeof why);

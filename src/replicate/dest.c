@@ -40,10 +40,10 @@
 #include "disk/registry.h"
 #include "link/link.h"
 #include "replicate/internal.h"
+#include "replicate/tunnel.h"
 #include "site/site.h"
 #include "vm/vm.h"
 
-#define HELLO_TIMEOUT_MS 10000
 #define IDLE_TIMEOUT_NS (60ull * 1000000000)   /* no frame at all for this long: drop */
 #define SEND_TIMEOUT_MS 30000
 #define ZERO_PIECE (1u << 30)
@@ -249,8 +249,11 @@ static int do_hash(struct session *s, const struct proto_ctrl *c)
   if (c->disk >= m->ndisks)
     return reply_json(s, c->req, false, "hash of an unknown disk", NULL);
   struct mig_disk *md = &m->disks[c->disk];
-  if (c->first >= md->nregions || c->count > md->nregions - c->first)
+  if (!c->regions && (c->first >= md->nregions || c->count > md->nregions - c->first))
     return reply_json(s, c->req, false, "hash range beyond the disk", NULL);
+  for (uint64_t i = 0; c->regions && i < c->count; i++)
+    if ((uint64_t)json_integer_value(json_array_get(c->regions, i)) >= md->nregions)
+      return reply_json(s, c->req, false, "hash of a region beyond the disk", NULL);
   if (s->hashbuf_len < md->gran) {
     free(s->hashbuf);
     s->hashbuf = malloc(md->gran);
@@ -267,7 +270,9 @@ static int do_hash(struct session *s, const struct proto_ctrl *c)
   proto_hashes_encode_header(&h, out);
   for (uint64_t i = 0; i < c->count; i++) {
     uint64_t v = 0;
-    int r = region_hash(md->d, md->gran, c->first + i, s->hashbuf, &v);
+    uint64_t rg = c->regions ? (uint64_t)json_integer_value(json_array_get(c->regions, i))
+                             : c->first + i;
+    int r = region_hash(md->d, md->gran, rg, s->hashbuf, &v);
     if (r < 0) {   /* 1: a hole, hashed without a read */
       free(out);
       return reply_json(s, c->req, false, "cannot read the disk to hash it", NULL);
@@ -325,40 +330,126 @@ static int load_state_file(struct migration *m)
   return r;
 }
 
+/* The VM a CTRL names, checked: valid, and only disks this session brought. */
+static int session_spec(struct session *s, const struct proto_ctrl *c, struct vm_spec *spec,
+                        char *err, size_t errlen)
+{
+  struct migration *m = s->m;
+  if (vm_spec_from_json(json_object_get(c->body, "vm"), spec, err, errlen) < 0)
+    return -EINVAL;
+  if (strcmp(spec->name, m->vm) != 0) {
+    snprintf(err, errlen, "the VM is '%s' but this session moves '%s'", spec->name, m->vm);
+    return -EINVAL;
+  }
+  for (unsigned k = 0; k < spec->ndisks; k++) {
+    bool ours = false;
+    for (unsigned j = 0; j < m->ndisks; j++)
+      ours |= strcmp(spec->disks[k], m->disks[j].name) == 0;
+    if (!ours) {
+      snprintf(err, errlen, "the VM names a disk this session did not bring");
+      return -EINVAL;
+    }
+  }
+  return 0;
+}
+
+static void incoming_reason(struct migration *m, char *buf, size_t len)
+{
+  snprintf(buf, len, "incoming migration %s from site %s", m->id, m->peer);
+}
+
+/* qemu live: the destination's QEMU starts, waiting for its RAM on the
+ * tunnel's socket; it may attach to the (fenced) disks meanwhile. */
+static int do_prepare_incoming(struct session *s, const struct proto_ctrl *c)
+{
+  struct migration *m = s->m;
+  const struct migrations_shared *sh = mig_shared(m);
+  char err[512];
+  struct vm_spec spec;
+  if (session_spec(s, c, &spec, err, sizeof err) < 0)
+    return reply_json(s, c->req, false, err, NULL);
+  if (strcmp(m->state, "receiving") != 0) {
+    snprintf(err, sizeof err, "migration %s is %s here", m->id, m->state);
+    return reply_json(s, c->req, false, err, NULL);
+  }
+  for (unsigned k = 0; k < m->ndisks; k++)
+    if (m->disks[k].d)
+      disk_set_fence_admits(m->disks[k].d, true);
+  char path[PATH_MAX], uri[PATH_MAX + 8];
+  tunnel_incoming_path(sh->data_dir, m->id, path, sizeof path);
+  snprintf(uri, sizeof uri, "unix:%s", path);
+  m->vmspec = spec;
+  int r = vm_import_incoming(sh->vms, &spec, m->id, uri, err, sizeof err);
+  if (r < 0) {
+    for (unsigned k = 0; k < m->ndisks; k++)
+      if (m->disks[k].d)
+        disk_set_fence_admits(m->disks[k].d, false);
+    log_error(m->vm, "migration %s: cannot start the incoming VM: %s", m->id, err);
+    return reply_json(s, c->req, false, err, NULL);
+  }
+  log_info(m->vm, "migration %s: incoming VM started, waiting for its RAM", m->id);
+  return reply_json(s, c->req, true, NULL, NULL);
+}
+
+static int do_incoming_status(struct session *s, const struct proto_ctrl *c)
+{
+  struct migration *m = s->m;
+  char err[512];
+  json_t *info = NULL;
+  if (vm_incoming_status(mig_shared(m)->vms, m->vm, &info, err, sizeof err) < 0)
+    return reply_json(s, c->req, false, err, NULL);
+  if (json_is_true(json_object_get(info, "running")))
+    vm_release(mig_shared(m)->vms, m->vm, m->id);
+  return reply_json(s, c->req, true, NULL, info);
+}
+
+static int do_discard_incoming(struct session *s, const struct proto_ctrl *c)
+{
+  struct migration *m = s->m;
+  const struct migrations_shared *sh = mig_shared(m);
+  char err[512];
+  json_t *info = NULL;
+  if (vm_incoming_status(sh->vms, m->vm, &info, err, sizeof err) == 0 &&
+      json_is_true(json_object_get(info, "running"))) {
+    json_decref(info);
+    return reply_json(s, c->req, false, "the guest already runs here", NULL);
+  }
+  json_decref(info);
+  int r = vm_discard_incoming(sh->vms, m->vm, m->id, err, sizeof err);
+  if (r < 0 && r != -ENOENT)
+    return reply_json(s, c->req, false, err, NULL);
+  /* If the disks were handed over for the switch-over, they go back. */
+  char reason[160];
+  incoming_reason(m, reason, sizeof reason);
+  for (unsigned k = 0; k < m->ndisks; k++) {
+    if (registry_set_fence(sh->reg, m->disks[k].name, reason, err, sizeof err) < 0)
+      return reply_json(s, c->req, false, err, NULL);
+    if (m->disks[k].d)
+      disk_set_fence_admits(m->disks[k].d, false);
+  }
+  if (strcmp(m->state, "receiving") != 0)
+    mig_set_state(m, "receiving", NULL);
+  return reply_json(s, c->req, true, NULL, NULL);
+}
+
 static int do_activate(struct session *s, const struct proto_ctrl *c)
 {
   struct migration *m = s->m;
   const struct migrations_shared *sh = mig_shared(m);
   if (strcmp(m->state, "active") == 0 || strcmp(m->state, "completed") == 0)
     return reply_json(s, c->req, true, NULL, json_pack("{s:b}", "already", true));
-  if (!m->blob_ready && load_state_file(m) < 0)
+  bool incoming = json_is_true(json_object_get(c->body, "incoming"));
+  if (!incoming && !m->blob_ready && load_state_file(m) < 0)
     return reply_json(s, c->req, false, "no VM state has arrived", NULL);
   int r = sync_and_ack(s);
   if (r < 0)
     return r;
-  json_t *vm = json_object_get(c->body, "vm");
-  struct vm_spec spec = { 0 };
-  snprintf(spec.name, sizeof spec.name, "%s", json_string_value(json_object_get(vm, "name")));
-  snprintf(spec.driver, sizeof spec.driver, "%s",
-           json_string_value(json_object_get(vm, "driver")));
-  const char *w = json_string_value(json_object_get(vm, "workload"));
-  snprintf(spec.workload, sizeof spec.workload, "%s", w ? w : "");
-  json_t *disks = json_object_get(vm, "disks");
-  size_t i;
-  json_t *x;
-  json_array_foreach(disks, i, x)
-    snprintf(spec.disks[spec.ndisks++], sizeof spec.disks[0], "%s", json_string_value(x));
-  for (unsigned k = 0; k < spec.ndisks; k++) {
-    bool ours = false;
-    for (unsigned j = 0; j < m->ndisks; j++)
-      ours |= strcmp(spec.disks[k], m->disks[j].name) == 0;
-    if (!ours)
-      return reply_json(s, c->req, false, "the VM names a disk this session did not bring",
-                        NULL);
-  }
+  struct vm_spec spec;
+  char err[512];
+  if (session_spec(s, c, &spec, err, sizeof err) < 0)
+    return reply_json(s, c->req, false, err, NULL);
   m->vmspec = spec;
   mig_set_state(m, "activating", NULL);
-  char err[512];
   for (unsigned k = 0; k < m->ndisks; k++) {
     if ((r = registry_set_fence(sh->reg, m->disks[k].name, NULL, err, sizeof err)) < 0)
       goto undo;
@@ -367,12 +458,16 @@ static int do_activate(struct session *s, const struct proto_ctrl *c)
     if (disk_dirty_swap(m->disks[k].d, &dm) == 0)
       free(dm.words);
   }
-  /* vm_import_and_start claims the VM for this migration itself (a VM that
-   * left this site earlier is taken back). */
-  r = vm_import_and_start(sh->vms, &spec, m->blob, m->blob_total, m->id, err, sizeof err);
-  if (r < 0)
-    goto undo;
-  vm_release(sh->vms, spec.name, m->id);
+  if (!incoming) {
+    /* vm_import_and_start claims the VM for this migration itself (a VM
+     * that left this site earlier is taken back). */
+    r = vm_import_and_start(sh->vms, &spec, m->blob, m->blob_total, m->id, err, sizeof err);
+    if (r < 0)
+      goto undo;
+    vm_release(sh->vms, spec.name, m->id);
+  }
+  /* incoming: the waiting QEMU runs the guest once the source's QEMU has
+   * sent the last of its state (the source asks incoming_status). */
   pthread_mutex_lock(&m->lock);
   snprintf(m->prog.phase, sizeof m->prog.phase, "active");
   pthread_mutex_unlock(&m->lock);
@@ -384,7 +479,7 @@ undo:
    * back.  The disks are fenced again before the refusal goes out. */
   log_error(m->vm, "migration %s: activation failed: %s", m->id, err);
   char reason[160];
-  snprintf(reason, sizeof reason, "incoming migration %s from site %s", m->id, m->peer);
+  incoming_reason(m, reason, sizeof reason);
   for (unsigned k = 0; k < m->ndisks; k++) {
     char e2[256];
     registry_set_fence(sh->reg, m->disks[k].name, reason, e2, sizeof e2);
@@ -401,6 +496,8 @@ static int do_abort(struct session *s, const struct proto_ctrl *c)
   if (strcmp(m->state, "active") == 0 || strcmp(m->state, "completed") == 0 ||
       strcmp(m->state, "activating") == 0)
     return reply_json(s, c->req, false, "the VM was activated here: too late to abort", NULL);
+  char e0[256];
+  vm_discard_incoming(sh->vms, m->vm, m->id, e0, sizeof e0);   /* -ENOENT: there was none */
   for (unsigned i = 0; i < m->ndisks; i++) {
     if (m->disks[i].d) {
       disk_unref(m->disks[i].d);
@@ -445,6 +542,15 @@ static int apply_ctrl(struct session *s, const struct link_msg *lm, bool *end)
   case OP_ACTIVATE:
     r = do_activate(s, &c);
     break;
+  case OP_PREPARE_INCOMING:
+    r = do_prepare_incoming(s, &c);
+    break;
+  case OP_INCOMING_STATUS:
+    r = do_incoming_status(s, &c);
+    break;
+  case OP_DISCARD_INCOMING:
+    r = do_discard_incoming(s, &c);
+    break;
   case OP_COMPLETE: {
     uint64_t dt = (uint64_t)json_integer_value(json_object_get(j, "downtime_ms"));
     pthread_mutex_lock(&m->lock);
@@ -454,6 +560,7 @@ static int apply_ctrl(struct session *s, const struct link_msg *lm, bool *end)
     char path[PATH_MAX];
     state_path(m, path, sizeof path);
     unlink(path);
+    vm_release(mig_shared(m)->vms, m->vm, m->id);
     mig_set_state(m, "completed", NULL);
     r = reply_json(s, c.req, true, NULL, NULL);
     break;
@@ -532,19 +639,13 @@ static void release_session(struct migration *m)
   pthread_mutex_unlock(&m->lock);
 }
 
-void dest_serve(struct migrations *ms, struct link_conn *conn)
+void dest_serve(struct migrations *ms, struct link_conn *conn, const struct link_msg *hello)
 {
   char err[512], peer[65] = "";
   struct link_msg lm;
   const struct migrations_shared *sh = NULL;
-  int r = link_recv(conn, &lm, HELLO_TIMEOUT_MS, err, sizeof err);
-  if (r < 0 || lm.type != MSG_HELLO) {
-    log_warn(NULL, "site link %s: no HELLO (%s)", link_conn_peer_address(conn),
-             r < 0 ? err : proto_type_name(lm.type));
-    link_conn_close(conn);
-    return;
-  }
-  json_t *j = proto_json_parse(lm.data, lm.len, err, sizeof err);
+  int r;
+  json_t *j = proto_json_parse(hello->data, hello->len, err, sizeof err);
   struct proto_hello h;
   if (!j || proto_parse_hello(j, &h, err, sizeof err) < 0) {
     log_warn(NULL, "site link %s: bad HELLO: %s", link_conn_peer_address(conn), err);

@@ -74,11 +74,13 @@ struct mig_progress {
   double backlog_trend_bps;        /* + growing, - shrinking */
   double link_bps;                 /* wire bytes per second */
   double repl_bps;                 /* payload bytes the destination acknowledged per second */
+  double capacity_bps;             /* what the link can carry, as far as we have seen */
   double vm_write_bps;             /* the VM's writes to its disks */
   double dirty_bps;                /* newly dirtied bytes per second */
   double eta_s;                    /* -1: unknown / not converging */
   uint64_t backpressure_bps;       /* VM write limit set by write backpressure, 0 = none */
   uint64_t rate_limit_bps;         /* replication cap */
+  int zstd_level;                  /* compression level now (adapted to link and CPU) */
   uint64_t wire_bytes_sent, payload_bytes_sent;   /* wire: closed connections + the open one */
   uint64_t data_bytes_sent;        /* DATA payload (not zero ranges) */
   uint64_t zero_bytes_sent;        /* logical bytes sent as zero ranges */
@@ -91,6 +93,7 @@ struct mig_progress {
   uint64_t cutover_started_ns;     /* realtime of the pause request (survives restarts) */
   uint64_t cutover_attempts;
   uint64_t final_drain_bytes;
+  uint64_t ram_bytes_sent, ram_bytes_left;   /* qemu live: QEMU's RAM migration */
   uint64_t verify_regions_at_cutover;
   /* destination */
   uint64_t applied_seq, durable_seq;
@@ -113,7 +116,8 @@ struct migration {
   uint64_t max_downtime_ms;
   bool verify_full;
   struct throttle rate;            /* replication backpressure */
-  struct vm_spec vmspec;
+  struct vm_spec vmspec;            /* as the destination gets it (networks mapped) */
+  json_t *preflight;               /* the checks that let it start (source) */
 
   unsigned ndisks;
   struct mig_disk disks[PROTO_MAX_DISKS];
@@ -179,7 +183,9 @@ void mig_progress_from_json(struct migration *m, json_t *p);
 void *source_main(void *arg);
 
 /* dest.c */
-void dest_serve(struct migrations *ms, struct link_conn *conn);
+struct link_msg;
+/* Serves a link connection whose first frame (hello) was HELLO. */
+void dest_serve(struct migrations *ms, struct link_conn *conn, const struct link_msg *hello);
 int dest_recover(struct migration *m);     /* at start: reopen the session's disks */
 
 /* hash.c: the region hash both sides compute (XXH3-64 of the region's

@@ -27,10 +27,13 @@
 #include "disk/registry.h"
 #include "link/link.h"
 #include "replicate/internal.h"
+#include "replicate/preflight.h"
+#include "replicate/tunnel.h"
 #include "site/site.h"
 #include "vm/vm.h"
 
 #define DEFAULT_MAX_DOWNTIME_MS 500
+#define FIRST_FRAME_TIMEOUT_MS 10000
 
 struct migrations {
   struct migrations_shared sh;
@@ -92,17 +95,19 @@ static bool terminal(const char *state)
 
 static json_t *params_json(struct migration *m)
 {
-  json_t *vm = json_pack("{s:s, s:s, s:s}", "name", m->vmspec.name, "driver", m->vmspec.driver,
-                         "workload", m->vmspec.workload);
+  json_t *vm = vm_spec_to_json(&m->vmspec);
   json_t *disks = json_array();
   for (unsigned i = 0; i < m->ndisks; i++)
     json_array_append_new(disks, json_pack("{s:s, s:I, s:I}", "name", m->disks[i].name,
                                            "size", (json_int_t)m->disks[i].size,
                                            "granularity", (json_int_t)m->disks[i].gran));
-  return json_pack("{s:I, s:I, s:b, s:o, s:o}", "max_downtime_ms",
-                   (json_int_t)m->max_downtime_ms, "rate_limit_bps",
-                   (json_int_t)throttle_rate(&m->rate), "verify_full", m->verify_full,
-                   "vm", vm, "disks", disks);
+  json_t *j = json_pack("{s:I, s:I, s:b, s:o, s:o}", "max_downtime_ms",
+                        (json_int_t)m->max_downtime_ms, "rate_limit_bps",
+                        (json_int_t)throttle_rate(&m->rate), "verify_full", m->verify_full,
+                        "vm", vm, "disks", disks);
+  if (m->preflight)
+    json_object_set(j, "preflight", m->preflight);
+  return j;
 }
 
 json_t *mig_progress_json(struct migration *m)
@@ -145,9 +150,13 @@ json_t *mig_progress_json(struct migration *m)
                           "final_drain_bytes", (json_int_t)p->final_drain_bytes,
                           "verified_regions", (json_int_t)p->verify_regions_at_cutover,
                           "started_ns", (json_int_t)p->cutover_started_ns);
+  json_object_set_new(j, "zstd_level", json_integer(p->zstd_level));
+  json_object_set_new(j, "capacity_bps", json_real(p->capacity_bps));
   json_object_set_new(j, "bytes", bytes);
   json_object_set_new(j, "counters", counts);
   json_object_set_new(j, "cutover", cut);
+  json_object_set_new(j, "ram", json_pack("{s:I, s:I}", "sent", (json_int_t)p->ram_bytes_sent,
+                                          "left", (json_int_t)p->ram_bytes_left));
   json_object_set_new(j, "disks", disks);
   return j;
 }
@@ -183,6 +192,8 @@ void mig_progress_from_json(struct migration *m, json_t *j)
   p->final_drain_bytes = ju(cut, "final_drain_bytes");
   p->verify_regions_at_cutover = ju(cut, "verified_regions");
   p->cutover_started_ns = ju(cut, "started_ns");
+  p->ram_bytes_sent = ju(json_object_get(j, "ram"), "sent");
+  p->ram_bytes_left = ju(json_object_get(j, "ram"), "left");
   const char *s = json_string_value(json_object_get(j, "phase"));
   snprintf(p->phase, sizeof p->phase, "%s", s ? s : "");
   json_t *disks = json_object_get(j, "disks");
@@ -355,6 +366,7 @@ static void mig_free(struct migration *m)
     free(m->ring[i].payload);
   free(m->ring);
   json_decref(m->reply);
+  json_decref(m->preflight);
   free(m->hashes);
   free(m->blob);
   throttle_destroy(&m->rate);
@@ -428,11 +440,19 @@ static void load_row(struct migrations *ms, sqlite3_stmt *st)
   throttle_set_rate(&m->rate, ju(params, "rate_limit_bps"));
   m->verify_full = json_is_true(json_object_get(params, "verify_full"));
   json_t *vm = json_object_get(params, "vm");
-  snprintf(m->vmspec.name, sizeof m->vmspec.name, "%s", m->vm);
-  if ((v = json_string_value(json_object_get(vm, "driver"))))
-    snprintf(m->vmspec.driver, sizeof m->vmspec.driver, "%s", v);
-  if ((v = json_string_value(json_object_get(vm, "workload"))))
-    snprintf(m->vmspec.workload, sizeof m->vmspec.workload, "%s", v);
+  char e2[256];
+  if (!json_object_get(vm, "disks") || vm_spec_from_json(vm, &m->vmspec, e2, sizeof e2) < 0) {
+    /* A row of a destination (its VM arrives with the activation), or an
+     * older row: name, driver and workload are what matters. */
+    memset(&m->vmspec, 0, sizeof m->vmspec);
+    snprintf(m->vmspec.name, sizeof m->vmspec.name, "%s", m->vm);
+    if ((v = json_string_value(json_object_get(vm, "driver"))))
+      snprintf(m->vmspec.driver, sizeof m->vmspec.driver, "%s", v);
+    if ((v = json_string_value(json_object_get(vm, "workload"))))
+      snprintf(m->vmspec.workload, sizeof m->vmspec.workload, "%s", v);
+  }
+  if (json_is_array(json_object_get(params, "preflight")))
+    m->preflight = json_incref(json_object_get(params, "preflight"));
   json_t *disks = json_object_get(params, "disks");
   size_t i;
   json_t *x;
@@ -562,10 +582,13 @@ void migrations_close(struct migrations *ms)
 /* ---- requests ---- */
 
 int migrations_start(struct migrations *ms, const struct migrate_request *req, char *id_out,
-                     size_t idlen, char *err, size_t errlen)
+                     size_t idlen, json_t **preflight, char *err, size_t errlen)
 {
-  if (strcmp(req->mode, "live") != 0) {
-    set_err(err, errlen, "mode '%.20s' is not supported yet (live)", req->mode);
+  if (preflight)
+    *preflight = NULL;
+  id_out[0] = '\0';
+  if (strcmp(req->mode, "live") != 0 && strcmp(req->mode, "cold") != 0) {
+    set_err(err, errlen, "mode '%.20s' is not supported (live, cold)", req->mode);
     return -EINVAL;
   }
   if (req->max_downtime_ms > 3600 * 1000) {
@@ -586,9 +609,28 @@ int migrations_start(struct migrations *ms, const struct migrate_request *req, c
     return r;
   char vstate[16];
   vm_state(ms->sh.vms, req->vm, vstate, sizeof vstate);
-  if (strcmp(vstate, "running") != 0 && strcmp(vstate, "paused") != 0) {
-    set_err(err, errlen, "VM '%s' is %s: live migration moves a running VM", req->vm, vstate);
+  bool live = strcmp(req->mode, "live") == 0;
+  if (live ? strcmp(vstate, "running") != 0 && strcmp(vstate, "paused") != 0
+           : strcmp(vstate, "migrated") == 0) {
+    set_err(err, errlen, "VM '%s' is %s: %s", req->vm, vstate,
+            live ? "live migration moves a running VM" : "it lives at another site now");
     return -EBUSY;
+  }
+
+  /* Prepare to migrate: everything is checked before anything changes. */
+  json_t *checks = NULL;
+  r = preflight_run(&ms->sh, &peer, req->mode, &spec, &req->networks, &checks, err, errlen);
+  if (preflight)
+    *preflight = json_incref(checks);
+  if (r < 0 || req->preflight_only) {
+    json_decref(checks);
+    if (r < 0)
+      log_warn(req->vm, "migration to site '%s' refused: %s", peer.name, err);
+    return r;
+  }
+  if ((r = preflight_apply_network_map(&spec, &req->networks, err, errlen)) < 0) {
+    json_decref(checks);
+    return r;
   }
 
   struct migration *m = mig_alloc(ms);
@@ -607,6 +649,7 @@ int migrations_start(struct migrations *ms, const struct migrate_request *req, c
   m->verify_full = req->verify_full;
   throttle_set_rate(&m->rate, req->rate_limit_bps);
   m->vmspec = spec;
+  m->preflight = checks;
   m->ndisks = spec.ndisks;
   for (unsigned i = 0; i < spec.ndisks; i++) {
     struct disk *d = registry_get(ms->sh.reg, spec.disks[i]);
@@ -644,8 +687,9 @@ int migrations_start(struct migrations *ms, const struct migrate_request *req, c
     return -EIO;
   }
   snprintf(id_out, idlen, "%s", m->id);
-  log_info(m->vm, "migration %s: live to site '%s' (max downtime %llu ms%s)", m->id, m->peer,
-           (unsigned long long)m->max_downtime_ms, m->verify_full ? ", full verify" : "");
+  log_info(m->vm, "migration %s: %s to site '%s' (max downtime %llu ms%s); pre-flight passed",
+           m->id, m->mode, m->peer, (unsigned long long)m->max_downtime_ms,
+           m->verify_full ? ", full verify" : "");
   if (start_thread(m) < 0) {
     mig_set_state(m, "failed", "cannot start the migration thread");
     vm_release(ms->sh.vms, req->vm, m->id);
@@ -779,7 +823,7 @@ struct migration *mig_create_destination(struct migrations *ms, const struct pro
   snprintf(m->role, sizeof m->role, "destination");
   snprintf(m->vm, sizeof m->vm, "%s", h->vm);
   snprintf(m->peer, sizeof m->peer, "%s", peer);
-  snprintf(m->mode, sizeof m->mode, "live");
+  snprintf(m->mode, sizeof m->mode, "%s", h->mode);
   snprintf(m->state, sizeof m->state, "receiving");
   utc_now(m->created_at, sizeof m->created_at);
   snprintf(m->prog.phase, sizeof m->prog.phase, "receiving");
@@ -803,7 +847,31 @@ struct migration *mig_create_destination(struct migrations *ms, const struct pro
   return m;
 }
 
+/* The first frame says what the connection is for. */
 void migrations_serve_conn(void *opaque, struct link_conn *conn)
 {
-  dest_serve(opaque, conn);
+  char err[256];
+  struct link_msg lm;
+  int r = link_recv(conn, &lm, FIRST_FRAME_TIMEOUT_MS, err, sizeof err);
+  if (r < 0) {
+    log_warn(NULL, "site link %s: nothing arrived after the handshake (%s)",
+             link_conn_peer_address(conn), err);
+    link_conn_close(conn);
+    return;
+  }
+  switch (lm.type) {
+  case MSG_HELLO:
+    dest_serve(opaque, conn, &lm);
+    return;
+  case MSG_TUNNEL_OPEN:
+    tunnel_serve_dest(opaque, conn, lm.data, lm.len);
+    return;
+  case MSG_QUERY:
+    preflight_serve_dest(opaque, conn, lm.data, lm.len);
+    return;
+  default:
+    log_warn(NULL, "site link %s: a connection may not start with %s",
+             link_conn_peer_address(conn), proto_type_name(lm.type));
+    link_conn_close(conn);
+  }
 }

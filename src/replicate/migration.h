@@ -2,7 +2,10 @@
  * REST API, the link listener and ferryd's start-up use.
  *
  * A migration moves one VM and its disks from this site (role "source") to a
- * paired peer (role "destination" there).  Live mode (docs/migration.md):
+ * paired peer (role "destination" there).  Live mode moves a running VM (for
+ * qemu its RAM goes through QEMU's own migration, tunnelled over the site
+ * link); cold mode powers the VM down, copies, and boots it at the
+ * destination (docs/migration.md):
  *
  *   source:       starting -> replicating -> cutover -> committing -> completed
  *                 any state before committing -> cancelled | failed (the VM
@@ -54,19 +57,34 @@ void migrations_resume_all(struct migrations *ms);
  * the next start) and closes every session. */
 void migrations_close(struct migrations *ms);
 
+#define NETWORK_MAP_MAX 8
+/* --map-network SRC=DST pairs: the VM's NICs on network SRC here join DST at
+ * the destination; an unmapped network keeps its name. */
+struct network_map {
+  unsigned n;
+  char from[NETWORK_MAP_MAX][65];
+  char to[NETWORK_MAP_MAX][65];
+};
+
 struct migrate_request {
   char vm[65];
   char to[256];                /* peer name or API URL */
-  char mode[8];                /* "live" */
+  char mode[8];                /* "live" | "cold" */
   uint64_t max_downtime_ms;    /* 0: default 500 */
   uint64_t rate_limit_bps;     /* replication cap, 0 = none */
   bool verify_full;            /* hash every region during the cutover pause */
+  struct network_map networks;
+  bool preflight_only;         /* run the checks, start nothing */
 };
 
-/* Errors: -EINVAL bad request, -ENOENT no such VM/peer/migration, -EBUSY the
- * VM is claimed or in the wrong state, -EHOSTUNREACH link off. */
+/* Runs the pre-flight checks (preflight.c), then starts the migration.
+ * *preflight (may be NULL) gets the list of checks whenever they ran.
+ * With preflight_only, returns after the checks (id_out "").  Errors:
+ * -EINVAL bad request, -ENOENT no such VM/peer/migration, -EBUSY the VM is
+ * claimed or in the wrong state, -EHOSTUNREACH link off, -EPERM a pre-flight
+ * check failed (nothing changed anywhere). */
 int migrations_start(struct migrations *ms, const struct migrate_request *req, char *id_out,
-                     size_t idlen, char *err, size_t errlen);
+                     size_t idlen, json_t **preflight, char *err, size_t errlen);
 int migrations_cancel(struct migrations *ms, const char *id, char *err, size_t errlen);
 int migrations_set_rate_limit(struct migrations *ms, const char *id, uint64_t bps, char *err,
                               size_t errlen);

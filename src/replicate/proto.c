@@ -32,7 +32,9 @@ static uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return l
 const char *proto_type_name(unsigned type)
 {
   static const char *const names[] = { "?", "HELLO", "HELLO_OK", "DATA", "CTRL", "REPLY", "ACK",
-                                       "NACK", "PING", "PONG", "BLOB", "HASHES", "ERROR" };
+                                       "NACK", "PING", "PONG", "BLOB", "HASHES", "ERROR",
+                                       "TUNNEL_OPEN", "TUNNEL_DATA", "TUNNEL_EOF", "QUERY",
+                                       "QUERY_REPLY" };
   return type < ARRAY_SIZE(names) ? names[type] : "?";
 }
 
@@ -242,11 +244,34 @@ int proto_parse_ctrl(json_t *j, struct proto_ctrl *out, char *err, size_t errlen
     out->op = OP_FLUSH;
   } else if (strcmp(op, "hash") == 0) {
     out->op = OP_HASH;
-    if (!get_uint(j, "disk", PROTO_MAX_DISKS - 1, &v, err, errlen) ||
-        !get_uint(j, "first", MAX_DISK_SIZE, &out->first, err, errlen) ||
-        !get_uint(j, "count", PROTO_MAX_HASHES, &out->count, err, errlen))
+    if (!get_uint(j, "disk", PROTO_MAX_DISKS - 1, &v, err, errlen))
       return -EPROTO;
     out->disk = (uint32_t)v;
+    json_t *list = json_object_get(j, "regions");
+    if (list) {
+      /* Scattered regions (what is left to verify at a cutover): one round
+       * trip for all of them. */
+      if (!json_is_array(list) || json_array_size(list) > PROTO_MAX_HASHES ||
+          json_object_get(j, "first") || json_object_get(j, "count")) {
+        set_err(err, errlen, "'regions' must be an array of at most %d regions, without "
+                "'first' and 'count'", PROTO_MAX_HASHES);
+        return -EPROTO;
+      }
+      size_t i;
+      json_t *x;
+      json_array_foreach(list, i, x) {
+        if (!json_is_integer(x) || json_integer_value(x) < 0 ||
+            (uint64_t)json_integer_value(x) > MAX_DISK_SIZE) {
+          set_err(err, errlen, "'regions' holds something that is not a region number");
+          return -EPROTO;
+        }
+      }
+      out->regions = list;
+      out->count = json_array_size(list);
+    } else if (!get_uint(j, "first", MAX_DISK_SIZE, &out->first, err, errlen) ||
+               !get_uint(j, "count", PROTO_MAX_HASHES, &out->count, err, errlen)) {
+      return -EPROTO;
+    }
     if (out->count == 0) {
       set_err(err, errlen, "hash of 0 regions");
       return -EPROTO;
@@ -283,11 +308,26 @@ int proto_parse_ctrl(json_t *j, struct proto_ctrl *out, char *err, size_t errlen
         return -EPROTO;
       }
     }
+    json_t *inc = json_object_get(j, "incoming");
+    if (inc && !json_is_boolean(inc)) {
+      set_err(err, errlen, "'incoming' must be true or false");
+      return -EPROTO;
+    }
     json_t *w = json_object_get(vm, "workload");
     if (w && (!json_is_string(w) || strlen(json_string_value(w)) > 255)) {
       set_err(err, errlen, "'vm.workload' must be a string of at most 255 characters");
       return -EPROTO;
     }
+  } else if (strcmp(op, "prepare_incoming") == 0) {
+    out->op = OP_PREPARE_INCOMING;
+    if (!json_is_object(json_object_get(j, "vm"))) {
+      set_err(err, errlen, "'vm' must be an object");
+      return -EPROTO;
+    }
+  } else if (strcmp(op, "incoming_status") == 0) {
+    out->op = OP_INCOMING_STATUS;
+  } else if (strcmp(op, "discard_incoming") == 0) {
+    out->op = OP_DISCARD_INCOMING;
   } else if (strcmp(op, "complete") == 0) {
     out->op = OP_COMPLETE;
   } else if (strcmp(op, "abort") == 0) {
@@ -316,6 +356,14 @@ int proto_parse_hello(json_t *j, struct proto_hello *out, char *err, size_t errl
     return -EPROTO;
   }
   snprintf(out->session, sizeof out->session, "%s", s);
+  /* "mode" came with cold migration; a HELLO without it is live. */
+  json_t *mode = json_object_get(j, "mode");
+  const char *ms = mode ? json_string_value(mode) : "live";
+  if (!ms || (strcmp(ms, "live") != 0 && strcmp(ms, "cold") != 0)) {
+    set_err(err, errlen, "'mode' must be \"live\" or \"cold\"");
+    return -EPROTO;
+  }
+  snprintf(out->mode, sizeof out->mode, "%s", ms);
   if (!get_name(j, "vm", out->vm, sizeof out->vm, err, errlen) ||
       !get_name(j, "source_site", out->source_site, sizeof out->source_site, err, errlen))
     return -EPROTO;

@@ -13,7 +13,7 @@
  * (seq 0).
  *
  *   type         dir   payload
- *   HELLO    1   s->d  JSON {"session","migration","vm","source_site","disks":[{"name",
+ *   HELLO    1   s->d  JSON {"session","migration","vm","mode","source_site","disks":[{"name",
  *                      "size","granularity"}],"protocol":1}
  *   HELLO_OK 2   d->s  JSON {"session","applied_seq","state","disks":[{"name","bg_hwm"}]}
  *   DATA     3   s->d  data header (below) + bytes for DATA_KIND_DATA
@@ -26,6 +26,15 @@
  *   BLOB    10   s->d  u64 offset, u64 total, bytes: a piece of the VM state
  *   HASHES  11   d->s  u64 req, u32 disk, u32 count, u64 first region, count x u64
  *   ERROR   12   d->s  JSON {"error":"...","fatal":bool}; the sender closes after it
+ *
+ * Two other kinds of link connection start with another first frame:
+ *   TUNNEL_OPEN 13 s->d  JSON {"migration"}; d->s JSON {"ok":true} (or ERROR): a
+ *                        tunnel for a QEMU migration stream (tunnel.c)
+ *   TUNNEL_DATA 14 both  bytes of the stream
+ *   TUNNEL_EOF  15 both  end of that direction
+ *   QUERY       16 s->d  JSON {"op":"preflight", ...}: a question that changes
+ *                        nothing (preflight.c); answered by
+ *   QUERY_REPLY 17 d->s  JSON, then the connection closes
  *
  * DATA header (24 bytes, little endian): u32 disk index, u8 kind (1 data,
  * 2 zero), u8 flags (DATA_F_BACKGROUND: sent by the background cursor, so
@@ -60,6 +69,11 @@ enum proto_type {
   MSG_BLOB = 10,
   MSG_HASHES = 11,
   MSG_ERROR = 12,
+  MSG_TUNNEL_OPEN = 13,
+  MSG_TUNNEL_DATA = 14,
+  MSG_TUNNEL_EOF = 15,
+  MSG_QUERY = 16,
+  MSG_QUERY_REPLY = 17,
 };
 const char *proto_type_name(unsigned type);
 /* True for the source's frames that carry a sequence number. */
@@ -118,17 +132,25 @@ json_t *proto_json_parse(const void *payload, uint32_t len, char *err, size_t er
 /* CTRL requests, checked field by field. */
 enum proto_op {
   OP_FLUSH = 1,        /* make everything applied durable; reply {"applied_seq"} */
-  OP_HASH,             /* {"disk","first","count"}: reply is a HASHES frame */
+  OP_HASH,             /* {"disk","first","count"} or {"disk","regions":[...]}: reply is a
+                          HASHES frame, one hash per region in the order asked */
   OP_VM_STATE,         /* {"size","xxh64"}: the BLOB frames before it are the whole state */
-  OP_ACTIVATE,         /* {"vm":{"name","driver","workload","disks":[...]}} */
+  OP_ACTIVATE,         /* {"vm":{vm_spec_to_json},"incoming":bool}: the destination becomes
+                          authoritative and starts the VM (from the state sent), or, with
+                          "incoming", just takes the disks: its QEMU is waiting for RAM */
   OP_COMPLETE,         /* {"downtime_ms", ...}: the migration is done */
   OP_ABORT,            /* {"reason"}: undo everything at the destination */
+  OP_PREPARE_INCOMING, /* {"vm"}: start the VM's QEMU waiting for its RAM (-incoming) */
+  OP_INCOMING_STATUS,  /* reply {"status","running","resumed_at_ns","exited"} */
+  OP_DISCARD_INCOMING, /* the waiting QEMU goes; disks fenced again (refused once the
+                          guest ran there) */
 };
 struct proto_ctrl {
   enum proto_op op;
   uint64_t req;
   uint32_t disk;                   /* HASH */
-  uint64_t first, count;           /* HASH: regions */
+  uint64_t first, count;           /* HASH: regions [first, first+count), or ... */
+  json_t *regions;                 /* ... these count regions (borrowed), when not NULL */
   uint64_t size, xxh64;            /* VM_STATE */
   json_t *body;                    /* the whole request (borrowed from the parse) */
 };
@@ -141,6 +163,7 @@ struct proto_hello_disk {
 };
 struct proto_hello {
   char session[48];
+  char mode[8];                    /* "live" (default) | "cold" */
   char vm[65];
   char source_site[65];
   unsigned ndisks;

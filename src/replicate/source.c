@@ -9,7 +9,9 @@
  *   background copy  a cursor per disk walks it in CHUNK_BYTES steps; a chunk
  *                    the backend reports as a hole (and runs of them) goes as
  *                    one zero range, a data chunk is read and every region of
- *                    zeros in it goes as a zero range, the rest as data.
+ *                    zeros in it goes as a zero range, the rest as data,
+ *                    compressed at a zstd level that tick() adapts: up while
+ *                    the link keeps us waiting, down while the CPU does.
  *   foreground copy  in rounds: when the pending regions behind the cursor
  *                    are all sent (at most every FG_PASS_NS, at least every
  *                    FG_ROUND_MAX_NS), the disk's dirty map is swapped
@@ -78,6 +80,7 @@
 #include "disk/registry.h"
 #include "link/link.h"
 #include "replicate/internal.h"
+#include "replicate/tunnel.h"
 #include "site/site.h"
 #include "vm/vm.h"
 
@@ -96,8 +99,11 @@
 #define HASH_BATCH 1024                     /* regions per hash request */
 #define BLOB_PIECE (FRAME_MAX_RAW - BLOB_HEADER_SIZE)
 #define CUTOVER_VERIFY_ROUNDS 3
-#define BP_FLOOR (256u * 1024)              /* write backpressure never goes below */
+#define BP_FLOOR (4u * 1024)                /* write backpressure never goes below: a
+                                               4 KiB write a second */
 #define PENDING_MAGIC "FERRYPND"
+#define ZSTD_LEVEL_MIN 1
+#define ZSTD_LEVEL_MAX 9                    /* beyond, a few % of bytes for much more CPU */
 
 struct src {
   struct migration *m;
@@ -115,19 +121,36 @@ struct src {
 
   uint64_t last_fg_ns, last_rewrite_ns, last_tick_ns, last_ping_ns;
   uint64_t backoff_ms;
-  int level;                       /* zstd level */
+  int level;                       /* zstd level, adapted by tick() */
+  uint64_t window_wait_ns;         /* time spent waiting for room in the window */
+  uint64_t prev_wait_ns, prev_cpu_ns;
 
   /* rates (driver only) */
   uint64_t acked_payload;          /* payload bytes acknowledged (receiver adds, under lock) */
   uint64_t prev_acked, prev_wire, prev_dirty, prev_backlog;
   uint64_t dirty_total;            /* bytes newly dirtied, all swaps */
   double e_repl, e_link, e_dirty, e_vmw, e_trend;
+  double capacity;                 /* payload bytes/s the link can carry (see tick) */
+  double capacity_wire;            /* ... in wire bytes/s */
+  double e_ratio;                  /* wire / payload bytes: how well the data compresses */
+  uint64_t prev_payload;
+  uint64_t idle_ns, prev_idle_ns;  /* time the driver had nothing to do */
+  uint64_t rtt_min_cur, rtt_min_prev, rtt_window_ns, rtt_base_ns;
+  double fixed_s;                  /* pause + activation of the last cutover, seconds */
   uint64_t rtt_ns;
   double hash_bps;                 /* local hashing speed, measured by the sweep */
   unsigned not_ready_ticks;
   uint64_t bp_limit;
   uint64_t cutover_not_before;
+
+  /* qemu live: the RAM migration of the current cutover */
+  struct tunnel *tunnel;
+  bool incoming_prepared;          /* the destination has a QEMU waiting */
+  uint64_t stopped_at_ns;          /* realtime of QEMU's STOP event */
 };
+
+static bool is_qemu(const struct migration *m) { return strcmp(m->vmspec.driver, "qemu") == 0; }
+static bool is_cold(const struct migration *m) { return strcmp(m->mode, "cold") == 0; }
 
 /* ---- small helpers ---- */
 
@@ -541,8 +564,9 @@ static json_t *hello_json(struct src *s)
     json_array_append_new(disks, json_pack("{s:s, s:I, s:I}", "name", m->disks[i].name,
                                            "size", (json_int_t)m->disks[i].size,
                                            "granularity", (json_int_t)m->disks[i].gran));
-  return json_pack("{s:i, s:s, s:s, s:s, s:s, s:o}", "protocol", PROTO_VERSION, "session",
-                   m->id, "migration", m->id, "vm", m->vm, "source_site", site, "disks", disks);
+  return json_pack("{s:i, s:s, s:s, s:s, s:s, s:s, s:o}", "protocol", PROTO_VERSION, "session",
+                   m->id, "migration", m->id, "vm", m->vm, "mode", m->mode, "source_site", site,
+                   "disks", disks);
 }
 
 /* Connects, says HELLO, learns what the destination holds, and lines the
@@ -663,13 +687,16 @@ static int connect_session(struct src *s)
   json_decref(ok);
 
   struct receiver_arg *ra = malloc(sizeof *ra);
+  if (ra) {
+    /* Filled before the thread exists: it reads them at once. */
+    ra->s = s;
+    ra->conn = c;
+  }
   if (!ra || pthread_create(&m->receiver, NULL, receiver_main, ra) != 0) {
     free(ra);
     disconnect(s);
     return -EAGAIN;
   }
-  ra->s = s;
-  ra->conn = c;
   m->receiver_started = true;
   log_info(m->vm, "migration %s: site link to '%s' (%s) up; the destination holds %llu "
            "frames (%s)", m->id, m->peer, link, (unsigned long long)applied, dstate);
@@ -692,7 +719,9 @@ static int wait_window(struct src *s, size_t need)
     bool room = m->ring_bytes + need <= m->window || m->ring_n == 0;
     bool stalled = m->ring_n && now_ns() - m->last_heard_ns > STALL_NS;
     if (!dead && !leave && !room && !nack && !stalled) {
+      uint64_t t0 = now_ns();
       cond_wait_ms(m, 100);
+      s->window_wait_ns += now_ns() - t0;         /* the link is the bottleneck */
       pthread_mutex_unlock(&m->lock);
       continue;
     }
@@ -1086,12 +1115,13 @@ static int fg_pass(struct src *s, bool full)
 
 /* ---- hash comparison ---- */
 
-/* Compares regions [first, first+count) of disk di with the destination.
- * mode: 0 sweep (VM running: a dirty region is skipped), 1 suspects (only
- * suspect bits are judged), 2 cutover (VM paused: any difference counts).
- * Differences become pending; *diff counts them. */
-static int compare_regions(struct src *s, unsigned di, uint64_t first, uint64_t count, int mode,
-                           uint64_t *diff)
+/* Compares regions of disk di with the destination: list[0..count) (any
+ * order), or [first, first+count) when list is NULL; one round trip either
+ * way.  mode: 0 sweep (VM running: a dirty region is skipped), 1 suspects
+ * (only suspect bits are judged), 2 cutover (VM paused: any difference
+ * counts).  Differences become pending; *diff counts them. */
+static int compare_regions(struct src *s, unsigned di, const uint64_t *list, uint64_t first,
+                           uint64_t count, int mode, uint64_t *diff)
 {
   struct migration *m = s->m;
   struct mig_disk *md = &m->disks[di];
@@ -1105,8 +1135,18 @@ static int compare_regions(struct src *s, unsigned di, uint64_t first, uint64_t 
   /* The request goes out before we hash here, and we send nothing until
    * its answer: the destination's hashes describe exactly what we sent
    * before it.  Both sides read and hash at the same time. */
-  int r = ctrl_send(s, json_pack("{s:s, s:I, s:I, s:I}", "op", "hash", "disk", (json_int_t)di,
-                                 "first", (json_int_t)first, "count", (json_int_t)count));
+#define REGION(i) (list ? list[i] : first + (i))
+  json_t *req;
+  if (list) {
+    json_t *arr = json_array();
+    for (uint64_t i = 0; i < count; i++)
+      json_array_append_new(arr, json_integer((json_int_t)list[i]));
+    req = json_pack("{s:s, s:I, s:o}", "op", "hash", "disk", (json_int_t)di, "regions", arr);
+  } else {
+    req = json_pack("{s:s, s:I, s:I, s:I}", "op", "hash", "disk", (json_int_t)di, "first",
+                    (json_int_t)first, "count", (json_int_t)count);
+  }
+  int r = ctrl_send(s, req);
   if (r < 0)
     return r;
   uint64_t *local = malloc(count * sizeof *local);
@@ -1114,7 +1154,7 @@ static int compare_regions(struct src *s, unsigned di, uint64_t first, uint64_t 
     return -ENOMEM;
   uint64_t t0 = now_ns(), hashed = 0;
   for (uint64_t i = 0; i < count; i++) {
-    r = region_hash(md->d, md->gran, first + i, s->hashbuf, &local[i]);
+    r = region_hash(md->d, md->gran, REGION(i), s->hashbuf, &local[i]);
     if (r < 0) {
       free(local);
       return -EIO;
@@ -1147,8 +1187,8 @@ static int compare_regions(struct src *s, unsigned di, uint64_t first, uint64_t 
   json_decref(reply);
   struct proto_hashes h;
   char err[128];
-  if (proto_hashes_parse(hp, hlen, &h, err, sizeof err) < 0 || h.disk != di || h.first != first ||
-      h.count != count) {
+  if (proto_hashes_parse(hp, hlen, &h, err, sizeof err) < 0 || h.disk != di ||
+      h.first != (list ? 0 : first) || h.count != count) {
     free(hp);
     free(local);
     return -EPROTO;
@@ -1156,7 +1196,7 @@ static int compare_regions(struct src *s, unsigned di, uint64_t first, uint64_t 
   const struct bitmap *live = cbt_bitmap(disk_cbt(md->d));
   uint64_t ndiff = 0, nverified = 0;
   for (uint64_t i = 0; i < count; i++) {
-    uint64_t rg = first + i;
+    uint64_t rg = REGION(i);
     bool same = local[i] == proto_hash_at(&h, (uint32_t)i);
     if (mode == 1 && !bitmap_test(&s->suspect[di], rg))
       continue;
@@ -1190,6 +1230,7 @@ static int compare_regions(struct src *s, unsigned di, uint64_t first, uint64_t 
   free(hp);
   free(local);
   return 0;
+#undef REGION
 }
 
 /* One batch of the verify sweep.  Returns 1 while there is more. */
@@ -1204,7 +1245,7 @@ static int sweep_step(struct src *s)
       continue;
     }
     uint64_t count = MIN((uint64_t)HASH_BATCH, md->nregions - next);
-    int r = compare_regions(s, di, next, count, 0, NULL);
+    int r = compare_regions(s, di, NULL, next, count, 0, NULL);
     if (r < 0)
       return r;
     md->sweep = next + count;
@@ -1214,34 +1255,40 @@ static int sweep_step(struct src *s)
   return 0;
 }
 
+/* Up to max regions of disk di from `from` on that are not verified and not
+ * pending (pending ones are sent again anyway) into list; returns how many,
+ * and where the scan stopped in *next. */
+static uint64_t collect_unverified(struct mig_disk *md, uint64_t from, uint64_t *list,
+                                   uint64_t max, uint64_t *next)
+{
+  uint64_t n = 0, rg = bitmap_next(&md->verified, from, false);
+  for (; rg < md->nregions && n < max; rg = bitmap_next(&md->verified, rg + 1, false))
+    if (!bitmap_test(&md->pending, rg))
+      list[n++] = rg;
+  *next = rg;
+  return n;
+}
+
 /* Once the sweep is done, regions sent again since are verified again in the
- * link's idle time, so that the cutover finds little left to check.  One
- * batch: from the first unverified region, up to HASH_BATCH regions, cut at
- * a long run of verified ones.  Returns 1 if it did something. */
+ * link's idle time, so that the cutover finds little left to check: one
+ * request for up to HASH_BATCH of them.  Returns 1 if it did something. */
 static int reverify_step(struct src *s)
 {
   struct migration *m = s->m;
+  uint64_t list[HASH_BATCH];
   for (unsigned k = 0; k < m->ndisks; k++) {
     unsigned di = (s->reverify_disk + k) % m->ndisks;
     struct mig_disk *md = &m->disks[di];
-    uint64_t first = bitmap_next(&md->verified, s->reverify_pos[di], false);
-    while (first < md->nregions && bitmap_test(&md->pending, first))
-      first = bitmap_next(&md->verified, first + 1, false);
-    if (first >= md->nregions) {
+    uint64_t next;
+    uint64_t n = collect_unverified(md, s->reverify_pos[di], list, HASH_BATCH, &next);
+    if (n == 0) {
       s->reverify_pos[di] = 0;
       continue;
     }
-    uint64_t n = 1, last_unverified = first;
-    while (n < HASH_BATCH && first + n < md->nregions && first + n - last_unverified < 64) {
-      if (!bitmap_test(&md->verified, first + n))
-        last_unverified = first + n;
-      n++;
-    }
-    n = last_unverified - first + 1;
-    int r = compare_regions(s, di, first, n, 0, NULL);
+    int r = compare_regions(s, di, list, 0, n, 0, NULL);
     if (r < 0)
       return r;
-    s->reverify_pos[di] = first + n;
+    s->reverify_pos[di] = next;
     s->reverify_disk = di + 1;
     return 1;
   }
@@ -1264,7 +1311,7 @@ static int suspect_step(struct src *s)
     if (first >= md->nregions)
       continue;
     uint64_t count = MIN((uint64_t)HASH_BATCH, limit - first);
-    int r = compare_regions(s, di, first, count, 1, NULL);
+    int r = compare_regions(s, di, NULL, first, count, 1, NULL);
     return r < 0 ? r : 1;
   }
   return 0;
@@ -1358,16 +1405,23 @@ static uint64_t unverified_bytes(struct src *s)
 static double ewma(double old, double v) { return old == 0 ? v : 0.6 * old + 0.4 * v; }
 
 /* The time the pause would take now: drain the backlog, verify what is not
- * verified, move the VM state, two round trips. */
+ * verified (a round trip per batch), move the VM state, a round trip for
+ * each of flush, state and activation, and the fixed part: pausing the VM
+ * here and starting it there (at least 200 ms, more if a cutover attempt
+ * measured more). */
 static double estimate_downtime_s(struct src *s, uint64_t backlog)
 {
-  double repl = MAX(s->e_repl, 1.0);
+  double repl = MAX(s->capacity, 1.0);
   double hash = s->hash_bps > 0 ? s->hash_bps : 500e6;
-  double state = 0;       /* the sim's state: 4 bytes per 4 KiB block */
-  for (unsigned di = 0; di < s->m->ndisks; di++)
+  double state = 0;       /* the sim's state: 4 bytes per 4 KiB block (a qemu VM's
+                             RAM goes by QEMU's migration, before the pause) */
+  for (unsigned di = 0; di < s->m->ndisks && !is_qemu(s->m); di++)
     state += (double)s->m->disks[di].size / 1024;
-  return (double)backlog / repl + (double)unverified_bytes(s) / hash + state / repl +
-         2.0 * (double)s->rtt_ns / 1e9 + 0.05;
+  uint64_t unverified = unverified_bytes(s);
+  double batches = (double)unverified / (double)s->m->disks[0].gran / HASH_BATCH + 1;
+  double fixed = MAX(s->fixed_s, 0.2);
+  return (double)backlog / repl + (double)unverified / hash + state / repl +
+         (3.0 + batches) * (double)s->rtt_base_ns / 1e9 + fixed;
 }
 
 static void set_backpressure(struct src *s, uint64_t limit)
@@ -1432,36 +1486,98 @@ static bool tick(struct src *s)
   for (unsigned di = 0; di < m->ndisks; di++)
     left += alloc_left(&m->disks[di]);
 
+  /* The zstd level: a link that keeps us waiting for the window leaves CPU
+   * to spare, so compress harder; a driver that never waits and is busy all
+   * the time is CPU-bound, so compress less. */
+  struct timespec cts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cts);
+  uint64_t cpu = (uint64_t)cts.tv_sec * 1000000000ull + (uint64_t)cts.tv_nsec;
+  double busy = s->prev_cpu_ns ? (double)(cpu - s->prev_cpu_ns) / 1e9 / dt : 0;
+  double waited = (double)(s->window_wait_ns - s->prev_wait_ns) / 1e9 / dt;
+  s->prev_cpu_ns = cpu;
+  s->prev_wait_ns = s->window_wait_ns;
+  if (c && waited > 0.3 && busy < 0.6 && s->level < ZSTD_LEVEL_MAX)
+    s->level++;
+  else if (c && busy > 0.85 && waited < 0.05 && s->level > ZSTD_LEVEL_MIN)
+    s->level--;
+
+  /* What the link can carry, as opposed to what we happen to send, in wire
+   * bytes: while the driver is link-bound (it had work all the time and
+   * spent it waiting for the window or blocked in sends, not on the CPU)
+   * the wire rate it got is the capacity (so a link that slows down shows
+   * at once); otherwise the capacity is at least that.  In payload terms it
+   * is the wire capacity divided by how well the data compresses now. */
+  double idle = (double)(s->idle_ns - s->prev_idle_ns) / 1e9 / dt;
+  s->prev_idle_ns = s->idle_ns;
+  uint64_t payload = m->prog.payload_bytes_sent;
+  if (c && payload > s->prev_payload && wire > 0) {
+    double ratio = link * dt / (double)(payload - s->prev_payload);
+    if (ratio > 0.005 && ratio < 1.5)
+      s->e_ratio = s->e_ratio ? 0.7 * s->e_ratio + 0.3 * ratio : ratio;
+  }
+  s->prev_payload = payload;
+  bool link_bound = waited > 0.5 || (idle < 0.2 && busy < 0.7);
+  if (c && link > 0) {
+    if (link_bound)
+      s->capacity_wire = s->capacity_wire ? 0.6 * s->capacity_wire + 0.4 * link : link;
+    else
+      s->capacity_wire = MAX(link, s->capacity_wire);
+  }
+  s->capacity = s->capacity_wire / MAX(s->e_ratio > 0 ? s->e_ratio : 1.0, 0.05);
+
+  /* The round trip without the queues our own data builds (the minimum of
+   * the last 10-20 s): what a drained link takes, as at the cutover. */
+  if (s->rtt_ns && (!s->rtt_min_cur || s->rtt_ns < s->rtt_min_cur))
+    s->rtt_min_cur = s->rtt_ns;
+  if (now - s->rtt_window_ns >= 10000000000ull) {
+    s->rtt_min_prev = s->rtt_min_cur;
+    s->rtt_min_cur = 0;
+    s->rtt_window_ns = now;
+  }
+  uint64_t base = s->rtt_min_prev && s->rtt_min_cur ? MIN(s->rtt_min_prev, s->rtt_min_cur)
+                                                     : MAX(s->rtt_min_prev, s->rtt_min_cur);
+  s->rtt_base_ns = base ? base : s->rtt_ns;
+
   /* The window: enough for the link's round trip and the destination's
-   * sync batching, no more (what is in flight is what a cut loses). */
-  double rtt = (double)s->rtt_ns / 1e9 + (double)DEST_SYNC_NS / 1e9;
-  size_t win = (size_t)MIN((double)WINDOW_MAX, MAX((double)WINDOW_MIN, 4.0 * s->e_repl * rtt));
+   * sync batching, no more (what is in flight is what a cut loses, and what
+   * sits in the WAN's queues delays everything else). */
+  double rtt = (double)s->rtt_base_ns / 1e9 + (double)DEST_SYNC_NS / 1e9;
+  size_t win = (size_t)MIN((double)WINDOW_MAX, MAX((double)WINDOW_MIN, 4.0 * s->capacity * rtt));
   pthread_mutex_lock(&m->lock);
   m->window = MAX(win, (size_t)DEST_SYNC_BYTES * 2);
   pthread_mutex_unlock(&m->lock);
+  log_debug(m->vm, "migration %s: tick: repl %.0f/s link %.0f/s capacity %.0f/s (wire %.0f, "
+            "ratio %.2f) dirty %.0f/s busy %.2f idle %.2f waited %.2f level %d window %zu rtt "
+            "%.1f ms (base %.1f) backlog %llu", m->id, repl, link, s->capacity, s->capacity_wire,
+            s->e_ratio, dirty, busy, idle, waited, s->level, m->window, (double)s->rtt_ns / 1e6,
+            (double)s->rtt_base_ns / 1e6, (unsigned long long)backlog);
 
   bool ready = false;
   double eta = -1;
   char v[200];
   double est = estimate_downtime_s(s, backlog);
   uint64_t budget_ms = m->max_downtime_ms;
-  bool fits = s->bg_done && est * 1000.0 <= (double)budget_ms && suspects_left(s) == 0 &&
+  /* A fifth of the budget is kept for what the estimate cannot see. */
+  bool fits = s->bg_done && est * 1000.0 <= 0.8 * (double)budget_ms && suspects_left(s) == 0 &&
               s->sweep_done;
+  /* Cold: the VM is down already; the cutover just needs everything sent. */
+  if (is_cold(m))
+    fits = s->bg_done && s->sweep_done && suspects_left(s) == 0 && backlog == 0;
 
   /* Write backpressure (after the background copy): the backlog must drain,
    * so the VM may dirty at most half of what the link carries. */
-  if (c && s->bg_done && !fits && s->sweep_done && s->e_repl > 0) {
+  if (c && s->bg_done && !fits && s->sweep_done && s->capacity > 0) {
     s->not_ready_ticks++;
-    if (s->not_ready_ticks >= 3 && s->e_dirty > 0.5 * s->e_repl && s->e_trend >= 0) {
+    if (s->not_ready_ticks >= 3 && s->e_dirty > 0.5 * s->capacity && s->e_trend >= 0) {
       double amp = s->e_vmw > 1 ? MAX(s->e_dirty / s->e_vmw, 1.0) : 1.0;
-      uint64_t want = (uint64_t)(0.5 * s->e_repl / amp);
+      uint64_t want = (uint64_t)(0.5 * s->capacity / amp);
       uint64_t limit = s->bp_limit ? MIN(want, (uint64_t)(s->bp_limit * 0.7)) : want;
       limit = MAX(limit, (uint64_t)BP_FLOOR);
       if (limit != s->bp_limit) {
         char lb[32], db[32], rb[32];
         fmt_bytes(limit, lb, sizeof lb);
         fmt_bytes((uint64_t)s->e_dirty, db, sizeof db);
-        fmt_bytes((uint64_t)s->e_repl, rb, sizeof rb);
+        fmt_bytes((uint64_t)s->capacity, rb, sizeof rb);
         log_info(m->vm, "migration %s: write backpressure: VM writes limited to %s/s "
                  "(dirty %s/s against link %s/s)", m->id, lb, db, rb);
         set_backpressure(s, limit);
@@ -1479,21 +1595,21 @@ static bool tick(struct src *s)
     double net = s->e_repl - s->e_dirty * 0.5;
     eta = net > 0 ? ((double)left + (double)backlog) / net : -1;
     fmt_bytes((uint64_t)s->e_dirty, b1, sizeof b1);
-    fmt_bytes((uint64_t)s->e_repl, b2, sizeof b2);
-    if (s->e_repl <= 0)
+    fmt_bytes((uint64_t)s->capacity, b2, sizeof b2);
+    if (s->capacity <= 0)
       snprintf(v, sizeof v, "background copy starting");
-    else if (s->e_dirty < s->e_repl * 0.8)
+    else if (s->e_dirty < s->capacity * 0.8)
       snprintf(v, sizeof v, "background copy; will converge (dirty %s/s < link %s/s)", b1, b2);
     else
       snprintf(v, sizeof v, "background copy; dirty rate %s/s exceeds link %s/s: write "
                "backpressure will slow the VM to converge", b1, b2);
   } else {
-    double drain = s->e_repl - s->e_dirty;
+    double drain = s->capacity - s->e_dirty;
     eta = drain > 0 ? (double)backlog / drain : -1;
     ready = fits && now >= s->cutover_not_before;
     fmt_bytes(backlog, b1, sizeof b1);
     fmt_bytes((uint64_t)s->e_dirty, b2, sizeof b2);
-    fmt_bytes((uint64_t)s->e_repl, b3, sizeof b3);
+    fmt_bytes((uint64_t)s->capacity, b3, sizeof b3);
     if (!s->sweep_done)
       snprintf(v, sizeof v, "verifying the destination (sweep); backlog %s", b1);
     else if (suspects_left(s))
@@ -1514,11 +1630,13 @@ static bool tick(struct src *s)
   pthread_mutex_lock(&m->lock);
   struct mig_progress *p = &m->prog;
   p->wire_bytes_sent = m->wire_base + wire;
+  p->zstd_level = s->level;
   p->bytes_left = p->bytes_left ? MIN(p->bytes_left, left) : left;
   p->backlog_bytes = backlog;
   p->backlog_trend_bps = s->e_trend;
   p->link_bps = s->e_link;
   p->repl_bps = s->e_repl;
+  p->capacity_bps = s->capacity;
   p->dirty_bps = s->e_dirty;
   p->vm_write_bps = s->e_vmw;
   p->eta_s = eta;
@@ -1536,16 +1654,20 @@ static void fence_sources(struct src *s, const char *reason)
 }
 
 /* Before the point of no return: the VM goes on here. */
+static void abort_ram_migration(struct src *s);
+
 static void abort_cutover(struct src *s, const char *why)
 {
   struct migration *m = s->m;
   char err[256];
   fence_sources(s, NULL);
-  if (vm_migration_resume(s->sh->vms, m->vm, err, sizeof err) < 0)
+  if (is_qemu(m) && !is_cold(m))
+    abort_ram_migration(s);          /* QEMU resumes the guest itself */
+  else if (!is_cold(m) && vm_migration_resume(s->sh->vms, m->vm, err, sizeof err) < 0)
     log_error(m->vm, "migration %s: cannot resume the VM after an aborted cutover: %s", m->id,
               err);
-  log_warn(m->vm, "migration %s: cutover aborted (%s); the VM runs here, replication goes on",
-           m->id, why);
+  log_warn(m->vm, "migration %s: cutover aborted (%s); the VM %s here, replication goes on",
+           m->id, why, is_cold(m) ? "stays" : "runs");
   set_verdict(m, "cutover aborted: %s; retrying", why);
   s->cutover_not_before = now_ns() + 3000000000ull;
   mig_set_state(m, "replicating", NULL);
@@ -1566,7 +1688,10 @@ static int send_vm_state(struct src *s, char *why, size_t whylen)
   struct migration *m = s->m;
   void *buf = NULL;
   size_t len = 0;
-  int r = vm_export_state(s->sh->vms, m->vm, &buf, &len, why, whylen);
+  /* A qemu VM has no state file: its RAM moves by QEMU migration (live) or
+   * not at all (cold: it boots). */
+  int r = is_qemu(m) ? ((buf = calloc(1, 1)) ? 0 : -ENOMEM)
+                     : vm_export_state(s->sh->vms, m->vm, &buf, &len, why, whylen);
   if (r < 0)
     return r;
   uint8_t *piece = malloc(BLOB_HEADER_SIZE + BLOB_PIECE);
@@ -1594,13 +1719,264 @@ static int send_vm_state(struct src *s, char *why, size_t whylen)
   return r;
 }
 
-static json_t *vm_spec_json(const struct vm_spec *v)
+static json_t *vm_spec_json(const struct vm_spec *v) { return vm_spec_to_json(v); }
+
+/* ---- qemu live: RAM over the tunnel, paused before the switch-over ---- */
+
+#define RAM_MIGRATION_TIMEOUT_NS (600ull * 1000000000)
+#define SWITCHOVER_TIMEOUT_NS (120ull * 1000000000)
+#define INCOMING_TIMEOUT_MS 120000
+
+static void tunnel_sock_path(struct src *s, char *buf, size_t len)
 {
-  json_t *disks = json_array();
-  for (unsigned i = 0; i < v->ndisks; i++)
-    json_array_append_new(disks, json_string(v->disks[i]));
-  return json_pack("{s:s, s:s, s:s, s:o}", "name", v->name, "driver", v->driver, "workload",
-                   v->workload, "disks", disks);
+  fmt_into(buf, len, "%s/run/%s.out", s->sh->data_dir, s->m->id);
+}
+
+/* Undoes a RAM migration that did not reach the switch-over: QEMU's
+ * migration is cancelled (the guest runs on here), the destination's QEMU
+ * is discarded. */
+static void abort_ram_migration(struct src *s)
+{
+  struct migration *m = s->m;
+  char err[512];
+  json_t *info = NULL;
+  if (vm_migrate_out_status(s->sh->vms, m->vm, &info, err, sizeof err) == 0) {
+    const char *st = json_string_value(json_object_get(info, "status"));
+    if (st && strcmp(st, "none") != 0 && strcmp(st, "completed") != 0 &&
+        strcmp(st, "failed") != 0 && strcmp(st, "cancelled") != 0 &&
+        vm_migrate_out_cancel(s->sh->vms, m->vm, err, sizeof err) < 0)
+      log_error(m->vm, "migration %s: cannot cancel QEMU's migration: %s", m->id, err);
+  }
+  json_decref(info);
+  tunnel_close(s->tunnel);
+  s->tunnel = NULL;
+  if (s->incoming_prepared && link_ok(m)) {
+    if (ctrl_ok(s, json_pack("{s:s}", "op", "discard_incoming"), REPLY_TIMEOUT_MS, NULL, err,
+                sizeof err) < 0)
+      log_warn(m->vm, "migration %s: the destination kept its incoming VM: %s", m->id, err);
+    else
+      s->incoming_prepared = false;
+  }
+}
+
+/* Starts the RAM migration and waits for QEMU's pre-switchover: the guest
+ * is stopped and its disks flushed here, nothing has switched.  Meanwhile the
+ * disks' foreground copy goes on.  0, or <0 with why (-ECONNRESET: link). */
+static int ram_precopy(struct src *s, char *why, size_t whylen)
+{
+  struct migration *m = s->m;
+  set_phase(m, "ram");
+  json_t *reply = NULL;
+  int r = ctrl_ok(s, json_pack("{s:s, s:o}", "op", "prepare_incoming", "vm",
+                               vm_spec_json(&m->vmspec)), INCOMING_TIMEOUT_MS, &reply, why,
+                  whylen);
+  json_decref(reply);
+  if (r < 0)
+    return r;
+  s->incoming_prepared = true;
+  char path[PATH_MAX], uri[PATH_MAX + 8];
+  tunnel_sock_path(s, path, sizeof path);
+  if (!(s->tunnel = tunnel_source_open(m, path, why, whylen)))
+    return -EIO;
+  snprintf(uri, sizeof uri, "unix:%s", path);
+  if ((r = vm_migrate_out_start(s->sh->vms, m->vm, uri, why, whylen)) < 0)
+    return r;
+  log_info(m->vm, "migration %s: RAM migration started through the site link", m->id);
+  uint64_t t0 = now_ns(), last_log = t0;
+  for (;;) {
+    json_t *info = NULL;
+    if ((r = vm_migrate_out_status(s->sh->vms, m->vm, &info, why, whylen)) < 0)
+      return r;
+    const char *st = json_string_value(json_object_get(info, "status"));
+    char state[32];
+    snprintf(state, sizeof state, "%s", st ? st : "?");
+    json_t *ram = json_object_get(info, "ram");
+    uint64_t sent = (uint64_t)json_integer_value(json_object_get(ram, "transferred"));
+    uint64_t left = (uint64_t)json_integer_value(json_object_get(ram, "remaining"));
+    s->stopped_at_ns = (uint64_t)json_integer_value(json_object_get(info, "stopped_at_ns"));
+    const char *qerr = json_string_value(json_object_get(info, "error"));
+    if (strcmp(state, "failed") == 0 || strcmp(state, "cancelled") == 0) {
+      char terr[256] = "";
+      if (s->tunnel)
+        tunnel_failed(s->tunnel, terr, sizeof terr);
+      snprintf(why, whylen, "QEMU's RAM migration %s%s%s%s%s", state, qerr ? ": " : "",
+               qerr ? qerr : "", terr[0] ? "; tunnel: " : "", terr);
+      json_decref(info);
+      return -EIO;
+    }
+    json_decref(info);
+    pthread_mutex_lock(&m->lock);
+    m->prog.ram_bytes_sent = sent;
+    m->prog.ram_bytes_left = left;
+    pthread_mutex_unlock(&m->lock);
+    if (strcmp(state, "pre-switchover") == 0)
+      return 0;
+    char terr[256];
+    if (tunnel_failed(s->tunnel, terr, sizeof terr)) {
+      snprintf(why, whylen, "the RAM tunnel failed: %s", terr);
+      return -EIO;
+    }
+    if (now_ns() - t0 > RAM_MIGRATION_TIMEOUT_NS) {
+      snprintf(why, whylen, "QEMU's RAM migration did not reach its switch-over in %llu s",
+               (unsigned long long)(RAM_MIGRATION_TIMEOUT_NS / 1000000000));
+      return -ETIMEDOUT;
+    }
+    if (should_leave(m)) {
+      snprintf(why, whylen, "the migration was cancelled or ferryd is stopping");
+      return -ECANCELED;
+    }
+    if (!link_ok(m)) {
+      snprintf(why, whylen, "the site link failed during the RAM migration");
+      return -ECONNRESET;
+    }
+    if (now_ns() - last_log > 5000000000ull) {
+      char b1[32], b2[32];
+      format_size(sent, b1, sizeof b1);
+      format_size(left, b2, sizeof b2);
+      log_info(m->vm, "migration %s: RAM %s sent, %s left (%s)", m->id, b1, b2, state);
+      last_log = now_ns();
+    }
+    /* The guest still writes its disks: keep them in step. */
+    uint64_t until = now_ns() + 50000000ull;
+    if (now_ns() - s->last_fg_ns >= FG_PASS_NS) {
+      if ((r = fg_pass(s, false)) < 0)
+        return r;
+      s->last_fg_ns = now_ns();
+    }
+    while (now_ns() < until && (r = fg_step(s)) == 1)
+      ;
+    if (r < 0 && r != -ECANCELED)
+      return r;
+    if (now_ns() < until) {
+      pthread_mutex_lock(&m->lock);
+      cond_wait_ms(m, (unsigned)((until - now_ns()) / 1000000) + 1);
+      pthread_mutex_unlock(&m->lock);
+    }
+  }
+}
+
+/* The destination's waiting QEMU: does the guest run there yet? */
+static int ask_incoming(struct src *s, bool *running, bool *exited, uint64_t *resumed_ns,
+                        char *why, size_t whylen)
+{
+  json_t *reply = NULL;
+  int r = ctrl_ok(s, json_pack("{s:s}", "op", "incoming_status"), REPLY_TIMEOUT_MS, &reply, why,
+                  whylen);
+  *running = json_is_true(json_object_get(reply, "running"));
+  *exited = json_is_true(json_object_get(reply, "exited"));
+  *resumed_ns = (uint64_t)json_integer_value(json_object_get(reply, "resumed_at_ns"));
+  json_decref(reply);
+  return r;
+}
+
+/* After the point of no return: QEMU sends the rest of the device state,
+ * the destination guest runs.  0 done; 1 the switch-over failed before the
+ * destination guest ran (everything is taken back here); <0 link. */
+static int ram_switchover(struct src *s)
+{
+  struct migration *m = s->m;
+  char why[512];
+  set_phase(m, "switchover");
+  if (vm_migrate_out_continue(s->sh->vms, m->vm, why, sizeof why) < 0)
+    goto rollback;
+  uint64_t t0 = now_ns();
+  for (;;) {
+    json_t *info = NULL;
+    if (vm_migrate_out_status(s->sh->vms, m->vm, &info, why, sizeof why) < 0)
+      goto rollback;
+    const char *st = json_string_value(json_object_get(info, "status"));
+    bool done = st && strcmp(st, "completed") == 0;
+    bool failed = !st || strcmp(st, "failed") == 0 || strcmp(st, "cancelled") == 0;
+    if (failed) {
+      const char *qerr = json_string_value(json_object_get(info, "error"));
+      snprintf(why, sizeof why, "QEMU's switch-over %s%s%s", st ? st : "failed",
+               qerr ? ": " : "", qerr ? qerr : "");
+    }
+    json_decref(info);
+    if (done)
+      break;
+    if (failed)
+      goto rollback;
+    if (now_ns() - t0 > SWITCHOVER_TIMEOUT_NS) {
+      snprintf(why, sizeof why, "QEMU's switch-over did not complete in %llu s",
+               (unsigned long long)(SWITCHOVER_TIMEOUT_NS / 1000000000));
+      goto rollback;
+    }
+    usleep(5000);
+  }
+  /* The destination's guest runs once it has loaded the last state. */
+  uint64_t resumed = 0;
+  for (;;) {
+    bool running, exited;
+    int r = ask_incoming(s, &running, &exited, &resumed, why, sizeof why);
+    if (r == -ECONNRESET)
+      return r;
+    if (running)
+      break;
+    if (r < 0 || exited || now_ns() - t0 > SWITCHOVER_TIMEOUT_NS) {
+      log_error(m->vm, "migration %s: the destination's QEMU did not start the guest (%s); "
+                "its disks are authoritative there", m->id, r < 0 ? why : exited ? "it exited"
+                : "timed out");
+      pthread_mutex_lock(&m->lock);
+      fmt_into(m->error, sizeof m->error, "the destination's QEMU did not start the guest "
+               "after the switch-over; the disks are authoritative at site '%s': start the VM "
+               "there (ferry vm start %s)", m->peer, m->vm);
+      pthread_mutex_unlock(&m->lock);
+      return 1;
+    }
+    usleep(20000);
+  }
+  tunnel_close(s->tunnel);
+  s->tunnel = NULL;
+  uint64_t downtime = resumed > s->stopped_at_ns && s->stopped_at_ns
+                      ? (resumed - s->stopped_at_ns) / 1000000 : 0;
+  pthread_mutex_lock(&m->lock);
+  m->prog.downtime_ms = downtime;
+  pthread_mutex_unlock(&m->lock);
+  log_info(m->vm, "migration %s: the VM runs at site '%s'; downtime %llu ms (QEMU STOP to "
+           "RESUME)", m->id, m->peer, (unsigned long long)downtime);
+  if (vm_mark_migrated(s->sh->vms, m->vm, m->peer, why, sizeof why) < 0)
+    log_warn(m->vm, "migration %s: %s", m->id, why);
+  ctrl_ok(s, json_pack("{s:s, s:I}", "op", "complete", "downtime_ms", (json_int_t)downtime),
+          REPLY_TIMEOUT_MS, NULL, why, sizeof why);
+  return 0;
+
+rollback:
+  /* QEMU did not hand over: the destination's guest never ran.  It gives
+   * the disks back (fenced again) and this site takes authority back. */
+  log_error(m->vm, "migration %s: %s; taking the VM back", m->id, why);
+  {
+    char e2[512];
+    int r = ctrl_ok(s, json_pack("{s:s}", "op", "discard_incoming"), REPLY_TIMEOUT_MS, NULL, e2,
+                    sizeof e2);
+    if (r < 0) {
+      pthread_mutex_lock(&m->lock);
+      fmt_into(m->error, sizeof m->error, "%s; and the destination could not give the disks "
+               "back (%s): the VM is paused here, its disks fenced", why, e2);
+      pthread_mutex_unlock(&m->lock);
+      return r == -ECONNRESET ? r : 1;
+    }
+    s->incoming_prepared = false;
+    for (unsigned di = 0; di < m->ndisks; di++)
+      registry_set_fence(s->sh->reg, m->disks[di].name, NULL, e2, sizeof e2);
+    json_t *info = NULL;
+    if (vm_migrate_out_status(s->sh->vms, m->vm, &info, e2, sizeof e2) == 0) {
+      const char *st = json_string_value(json_object_get(info, "status"));
+      if (st && strcmp(st, "failed") != 0 && strcmp(st, "cancelled") != 0)
+        vm_migrate_out_cancel(s->sh->vms, m->vm, e2, sizeof e2);
+    }
+    json_decref(info);
+    tunnel_close(s->tunnel);
+    s->tunnel = NULL;
+    char st[16];
+    vm_state(s->sh->vms, m->vm, st, sizeof st);
+    if (strcmp(st, "paused") == 0)
+      vm_migration_resume(s->sh->vms, m->vm, e2, sizeof e2);
+    pthread_mutex_lock(&m->lock);
+    fmt_into(m->error, sizeof m->error, "%s; the VM runs here", why);
+    pthread_mutex_unlock(&m->lock);
+  }
+  return 1;
 }
 
 /* Runs the cutover up to the point of no return.  0: committed (state
@@ -1618,11 +1994,21 @@ static int cutover(struct src *s)
   pthread_mutex_lock(&m->lock);
   m->prog.cutover_started_ns = realtime_ns();
   pthread_mutex_unlock(&m->lock);
-  if (vm_migration_pause(s->sh->vms, m->vm, why, sizeof why) < 0) {
+  if (is_cold(m)) {
+    /* Powered down when the migration started: nothing to pause. */
+  } else if (is_qemu(m)) {
+    int rr = ram_precopy(s, why, sizeof why);
+    if (rr < 0) {
+      abort_cutover(s, why);
+      return rr == -ECONNRESET ? rr : 1;
+    }
+    t0 = now_ns();
+  } else if (vm_migration_pause(s->sh->vms, m->vm, why, sizeof why) < 0) {
     abort_cutover(s, why);
     return 1;
   }
   uint64_t t_paused = now_ns();
+  s->fixed_s = (double)(t_paused - t0) / 1e9;
   char reason[128];
   snprintf(reason, sizeof reason, "cutover of migration %s in progress", m->id);
   fence_sources(s, reason);
@@ -1651,17 +2037,23 @@ static int cutover(struct src *s)
     for (unsigned di = 0; di < m->ndisks; di++)
       bitmap_clear_all(&m->disks[di].verified);
   uint64_t checked = 0;
+  uint64_t *vlist = malloc(HASH_BATCH * sizeof *vlist);
+  if (!vlist) {
+    abort_cutover(s, "out of memory");
+    return 1;
+  }
   for (unsigned round = 0;; round++) {
     uint64_t diff = 0;
     for (unsigned di = 0; r == 0 && di < m->ndisks; di++) {
       struct mig_disk *md = &m->disks[di];
-      for (uint64_t rg = bitmap_next(&md->verified, 0, false); r == 0 && rg < md->nregions;) {
-        uint64_t n = 1;
-        while (n < HASH_BATCH && rg + n < md->nregions && !bitmap_test(&md->verified, rg + n))
-          n++;
-        r = compare_regions(s, di, rg, n, 2, &diff);
+      /* Scattered regions go HASH_BATCH to a request: a round trip each
+       * batch, not each region. */
+      for (uint64_t from = 0; r == 0 && from < md->nregions;) {
+        uint64_t n = collect_unverified(md, from, vlist, HASH_BATCH, &from);
+        if (n == 0)
+          break;
+        r = compare_regions(s, di, vlist, 0, n, 2, &diff);
         checked += n;
-        rg = bitmap_next(&md->verified, rg + n, false);
       }
     }
     if (r < 0)
@@ -1679,6 +2071,7 @@ static int cutover(struct src *s)
     if (r < 0)
       break;
   }
+  free(vlist);
   uint64_t t_verified = now_ns();
   pthread_mutex_lock(&m->lock);
   m->prog.verify_regions_at_cutover = checked;
@@ -1690,8 +2083,8 @@ static int cutover(struct src *s)
     return r == -ECONNRESET ? r : 1;
   }
 
-  /* The VM's state. */
-  if ((r = send_vm_state(s, why, sizeof why)) < 0) {
+  /* The VM's state (a live qemu VM's goes by QEMU's migration). */
+  if ((!is_qemu(m) || is_cold(m)) && (r = send_vm_state(s, why, sizeof why)) < 0) {
     abort_cutover(s, r == -ECONNRESET ? "the site link failed sending the VM state" : why);
     return r == -ECONNRESET ? r : 1;
   }
@@ -1726,8 +2119,33 @@ static int activate(struct src *s)
   struct migration *m = s->m;
   char why[512];
   set_phase(m, "activating");
-  json_t *req = json_pack("{s:s, s:o}", "op", "activate", "vm", vm_spec_json(&m->vmspec));
+  bool ram = is_qemu(m) && !is_cold(m);
+  if (ram && !s->tunnel) {
+    /* ferryd restarted after the point of no return: the switch-over either
+     * happened or cannot be resumed (QEMU's migration died with the tunnel). */
+    bool running, exited;
+    uint64_t resumed;
+    int r = ask_incoming(s, &running, &exited, &resumed, why, sizeof why);
+    if (r == -ECONNRESET)
+      return r;
+    if (!running) {
+      pthread_mutex_lock(&m->lock);
+      fmt_into(m->error, sizeof m->error, "ferryd stopped during the switch-over of the RAM "
+               "migration; the disks are authoritative at site '%s': start the VM there "
+               "(ferry vm start %s)", m->peer, m->vm);
+      pthread_mutex_unlock(&m->lock);
+      return 1;
+    }
+    if (vm_mark_migrated(s->sh->vms, m->vm, m->peer, why, sizeof why) < 0)
+      log_warn(m->vm, "migration %s: %s", m->id, why);
+    ctrl_ok(s, json_pack("{s:s}", "op", "complete"), REPLY_TIMEOUT_MS, NULL, why, sizeof why);
+    return 0;
+  }
+  json_t *req = json_pack("{s:s, s:o, s:b}", "op", "activate", "vm", vm_spec_json(&m->vmspec),
+                          "incoming", ram);
+  uint64_t t0 = now_ns();
   int r = ctrl_ok(s, req, ACTIVATE_TIMEOUT_MS, NULL, why, sizeof why);
+  s->fixed_s += (double)(now_ns() - t0) / 1e9;
   if (r == -EREMOTEIO) {
     /* The destination stayed fenced: take the VM back. */
     log_error(m->vm, "migration %s: the destination could not start the VM: %s", m->id, why);
@@ -1736,7 +2154,10 @@ static int activate(struct src *s)
       registry_set_fence(s->sh->reg, m->disks[di].name, NULL, e2, sizeof e2);
     }
     char e3[256];
-    vm_migration_resume(s->sh->vms, m->vm, e3, sizeof e3);
+    if (ram)
+      abort_ram_migration(s);
+    else if (!is_cold(m))
+      vm_migration_resume(s->sh->vms, m->vm, e3, sizeof e3);
     char msg[600];
     snprintf(msg, sizeof msg, "the destination could not start the VM: %s; it runs here", why);
     pthread_mutex_lock(&m->lock);
@@ -1746,6 +2167,8 @@ static int activate(struct src *s)
   }
   if (r < 0)
     return r;
+  if (ram)
+    return ram_switchover(s);
   pthread_mutex_lock(&m->lock);
   uint64_t started = m->prog.cutover_started_ns;
   pthread_mutex_unlock(&m->lock);
@@ -1797,7 +2220,11 @@ static void finish(struct src *s, const char *state, const char *error, bool cle
   struct migration *m = s->m;
   char err[256];
   set_backpressure(s, 0);
-  if (resume_vm) {
+  if (s->tunnel || s->incoming_prepared)
+    abort_ram_migration(s);
+  if (resume_vm && is_cold(m)) {
+    fence_sources(s, NULL);          /* powered down here, startable here */
+  } else if (resume_vm) {
     fence_sources(s, NULL);
     char st[16];
     vm_state(s->sh->vms, m->vm, st, sizeof st);
@@ -1930,6 +2357,22 @@ void *source_main(void *arg)
   }
   recover_state(s);
   bool committing = strcmp(m->state, "committing") == 0;
+  if (is_cold(m) && !committing) {
+    /* Cold: the VM is powered down first (orderly, forced after the
+     * driver's timeout), so the copy is of disks nobody writes. */
+    char st[16];
+    vm_state(s->sh->vms, m->vm, st, sizeof st);
+    if (strcmp(st, "stopped") != 0) {
+      set_phase(m, "powering down");
+      log_info(m->vm, "migration %s: cold: powering the VM down", m->id);
+      if (vm_migration_stop(s->sh->vms, m->vm, err, sizeof err) < 0) {
+        char e[600];
+        snprintf(e, sizeof e, "cannot power the VM down: %s", err);
+        finish(s, "failed", e, true, false);
+        goto out;
+      }
+    }
+  }
   if (!committing) {
     mig_set_state(m, "replicating", NULL);
     set_phase(m, "background");
@@ -2064,8 +2507,12 @@ void *source_main(void *arg)
       }
     }
     if (!did && s->sweep_done && link_ok(m) && !pending_behind(s)) {
-      /* The link is idle: check again what was sent since the sweep. */
-      if ((r = reverify_step(s)) > 0) {
+      /* The link is idle: check again what was sent since the sweep.  That
+       * is idle time too, as far as the capacity estimate goes (tick). */
+      uint64_t t_rv = now_ns();
+      r = reverify_step(s);
+      s->idle_ns += now_ns() - t_rv;
+      if (r > 0) {
         did = true;
       } else if (r == -EIO || r == -EPROTO) {
         char e[600];
@@ -2077,8 +2524,10 @@ void *source_main(void *arg)
     if (!did) {
       /* Nothing to send: wait for the next pass. */
       pthread_mutex_lock(&m->lock);
+      uint64_t t_idle = now_ns();
       if (!m->stop && !m->cancel && !m->conn_dead && !m->nack_from)
         cond_wait_ms(m, 50);
+      s->idle_ns += now_ns() - t_idle;
       uint64_t nack = m->nack_from;
       m->nack_from = 0;
       pthread_mutex_unlock(&m->lock);

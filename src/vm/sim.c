@@ -504,6 +504,8 @@ static int sim_verify(struct vm_runtime *rt, json_t **report, char *err, size_t 
 
 const struct vm_driver_ops vm_driver_sim = {
   .name = "sim",
+  .control_ext = "ctl",
+  .has_state_file = true,
   .validate = sim_validate,
   .start = sim_start,
   .stop = sim_stop,

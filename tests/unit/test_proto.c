@@ -92,10 +92,15 @@ static void test_json(void)
   const char *good[] = {
     "{\"op\":\"flush\",\"req\":1}",
     "{\"op\":\"hash\",\"req\":2,\"disk\":0,\"first\":0,\"count\":16384}",
+    "{\"op\":\"hash\",\"req\":2,\"disk\":1,\"regions\":[7,3,1000000]}",
     "{\"op\":\"vm_state\",\"req\":3,\"size\":5,\"xxh64\":\"0123456789abcdef\"}",
     "{\"op\":\"activate\",\"req\":4,\"vm\":{\"name\":\"vm1\",\"driver\":\"sim\",\"disks\":[\"vda\"]}}",
     "{\"op\":\"complete\",\"req\":5,\"downtime_ms\":3}",
     "{\"op\":\"abort\",\"req\":6,\"reason\":\"x\"}",
+    "{\"op\":\"activate\",\"req\":7,\"incoming\":true,\"vm\":{\"name\":\"vm1\",\"driver\":\"qemu\",\"disks\":[\"vda\"]}}",
+    "{\"op\":\"prepare_incoming\",\"req\":8,\"vm\":{\"name\":\"vm1\"}}",
+    "{\"op\":\"incoming_status\",\"req\":9}",
+    "{\"op\":\"discard_incoming\",\"req\":10}",
   };
   for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
     json_t *j = js(good[i]);
@@ -112,11 +117,18 @@ static void test_json(void)
     "{\"op\":\"hash\",\"req\":2,\"disk\":16,\"first\":0,\"count\":1}",
     "{\"op\":\"hash\",\"req\":2,\"disk\":0,\"first\":0,\"count\":16385}",
     "{\"op\":\"hash\",\"req\":2,\"disk\":0,\"first\":0,\"count\":0}",
+    "{\"op\":\"hash\",\"req\":2,\"disk\":0,\"regions\":[1,-2]}",
+    "{\"op\":\"hash\",\"req\":2,\"disk\":0,\"regions\":[1,\"x\"]}",
+    "{\"op\":\"hash\",\"req\":2,\"disk\":0,\"regions\":[],\"first\":0,\"count\":1}",
+    "{\"op\":\"hash\",\"req\":2,\"disk\":0,\"regions\":7}",
     "{\"op\":\"vm_state\",\"req\":3,\"size\":5,\"xxh64\":\"0123\"}",
     "{\"op\":\"vm_state\",\"req\":3,\"size\":5,\"xxh64\":\"0123456789abcdeZ\"}",
     "{\"op\":\"activate\",\"req\":4,\"vm\":{\"name\":\"../x\",\"driver\":\"sim\",\"disks\":[\"vda\"]}}",
     "{\"op\":\"activate\",\"req\":4,\"vm\":{\"name\":\"vm1\",\"driver\":\"sim\",\"disks\":[]}}",
     "{\"op\":\"activate\",\"req\":4,\"vm\":{\"name\":\"vm1\",\"driver\":\"sim\",\"disks\":[3]}}",
+    "{\"op\":\"activate\",\"req\":4,\"incoming\":1,\"vm\":{\"name\":\"vm1\",\"driver\":\"sim\",\"disks\":[\"vda\"]}}",
+    "{\"op\":\"prepare_incoming\",\"req\":8}",
+    "{\"op\":\"prepare_incoming\",\"req\":8,\"vm\":\"vm1\"}",
   };
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
     json_t *j = js(bad[i]);
@@ -130,6 +142,7 @@ static void test_json(void)
                  "\"granularity\":65536},{\"name\":\"vdb\",\"size\":512,\"granularity\":4096}]}");
   CHECK(j && proto_parse_hello(j, &h, err, sizeof err) == 0);
   CHECK(h.ndisks == 2 && strcmp(h.disks[1].name, "vdb") == 0 && h.disks[0].size == 1048576);
+  CHECK(strcmp(h.mode, "live") == 0);       /* no "mode": live */
   json_decref(j);
   const char *bad_hello[] = {
     "{\"protocol\":2,\"session\":\"m-0123456789ab\",\"vm\":\"vm1\",\"source_site\":\"a\",\"disks\":[{\"name\":\"vda\",\"size\":512,\"granularity\":4096}]}",
@@ -139,6 +152,8 @@ static void test_json(void)
     "{\"protocol\":1,\"session\":\"m-0123456789ab\",\"vm\":\"vm1\",\"source_site\":\"a\",\"disks\":[{\"name\":\"vda\",\"size\":512,\"granularity\":4096},{\"name\":\"vda\",\"size\":512,\"granularity\":4096}]}",
     "{\"protocol\":1,\"session\":\"m-0123456789ab\",\"vm\":\"vm1\",\"source_site\":\"a\",\"disks\":[]}",
     "{\"protocol\":1,\"session\":\"m-0123456789ab\",\"vm\":\"vm 1\",\"source_site\":\"a\",\"disks\":[{\"name\":\"vda\",\"size\":512,\"granularity\":4096}]}",
+    "{\"protocol\":1,\"session\":\"m-0123456789ab\",\"vm\":\"vm1\",\"mode\":\"warm\",\"source_site\":\"a\",\"disks\":[{\"name\":\"vda\",\"size\":512,\"granularity\":4096}]}",
+    "{\"protocol\":1,\"session\":\"m-0123456789ab\",\"vm\":\"vm1\",\"mode\":7,\"source_site\":\"a\",\"disks\":[{\"name\":\"vda\",\"size\":512,\"granularity\":4096}]}",
   };
   for (size_t i = 0; i < sizeof bad_hello / sizeof bad_hello[0]; i++) {
     j = js(bad_hello[i]);

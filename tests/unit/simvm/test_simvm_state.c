@@ -123,7 +123,7 @@ int main(void)
   CHECK(back.disks[1].table[2] == 7 && same(&st, &back));
   sim_state_free(&back);
 
-  size_t len;
+  size_t len = 0;
   unsigned char *good = slurp(path, &len);
   CHECK(good != NULL);
   size_t hlen = SIM_STATE_FIXED + 2 * SIM_STATE_DISK_ENT + 8;
