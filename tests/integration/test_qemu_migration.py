@@ -22,7 +22,7 @@ import time
 import pytest
 
 from guest import WRITER_PROGRESS, WRITER_START, check_records, guest_artifacts
-from sites import SiteEnv, image_equal
+from sites import SiteEnv
 from test_migration import wan_factory  # noqa: F401 (fixture)
 
 STOP_TIMEOUT = "3s"        # the guest has no ACPI handling: power-down ends by timeout
@@ -146,9 +146,13 @@ def test_qemu_cold_migration(env):
     m = a.wait_migration(js["id"], timeout=300)
     assert m["state"] == "completed", m
     assert a.vm("g1")["state"] == "migrated"
-    assert image_equal(a.image("vda"), b.image("vda")) is None
     rep_a = check_records(a.image("vda"))
     assert rep_a["ok"] is True, rep_a
+    # what boot 1 wrote is at the destination byte for byte (the guest may
+    # already append boot 2's records there: past that prefix)
+    n = rep_a["records"] * 4096
+    with open(a.image("vda"), "rb") as fa, open(b.image("vda"), "rb") as fb:
+        assert fa.read(n) == fb.read(n)
     # it boots at the destination from the copy: boot 2 starts after boot 1
     assert b.vm("g1")["state"] == "running"
     mm = wait_console(b, "g1", WRITER_START, what="the writer's start line at the destination")
