@@ -1568,7 +1568,12 @@ static bool tick(struct src *s)
    * so the VM may dirty at most half of what the link carries. */
   if (c && s->bg_done && !fits && s->sweep_done && s->capacity > 0) {
     s->not_ready_ticks++;
-    if (s->not_ready_ticks >= 3 && s->e_dirty > 0.5 * s->capacity && s->e_trend >= 0) {
+    /* Tighten when the VM dirties more than half the link, or, since the
+     * capacity estimate may be high (a burst into the socket buffers), when
+     * it has not fitted for a while and only the backlog is in the way. */
+    bool backlog_blocks = estimate_downtime_s(s, 0) * 1000.0 <= 0.8 * (double)budget_ms;
+    if ((s->not_ready_ticks >= 3 && s->e_dirty > 0.5 * s->capacity && s->e_trend >= 0) ||
+        (s->not_ready_ticks >= 6 && backlog_blocks)) {
       double amp = s->e_vmw > 1 ? MAX(s->e_dirty / s->e_vmw, 1.0) : 1.0;
       uint64_t want = (uint64_t)(0.5 * s->capacity / amp);
       uint64_t limit = s->bp_limit ? MIN(want, (uint64_t)(s->bp_limit * 0.7)) : want;

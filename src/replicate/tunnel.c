@@ -71,8 +71,8 @@ struct pump {
   int fd;                        /* the QEMU socket */
   atomic_bool *stop;
   atomic_uint_fast64_t *to_link, *from_link;
-  char err[256];                 /* reader's failure */
-  bool eof_sent;
+  char err[256];                 /* reader's failure (read after the join) */
+  atomic_bool eof_sent;          /* set by the reader, polled by the other side */
 };
 
 /* QEMU -> link, on its own thread. */
@@ -97,7 +97,7 @@ static void *pump_fd_to_link(void *arg)
     if (n <= 0) {
       /* End of QEMU's stream: tell the other side, which half-closes. */
       link_send(p->conn, MSG_TUNNEL_EOF, 0, NULL, 0, 0, TUNNEL_SEND_TIMEOUT_MS);
-      p->eof_sent = true;
+      atomic_store(&p->eof_sent, true);
       break;
     }
     int r = link_send(p->conn, MSG_TUNNEL_DATA, 0, buf, (uint32_t)n, TUNNEL_ZSTD_LEVEL,
@@ -154,7 +154,7 @@ static int pump_run(struct link_conn *conn, int fd, atomic_bool *stop,
     r = link_recv(conn, &lm, 500, e, sizeof e);
     if (r == -ETIMEDOUT) {
       r = 0;
-      if (peer_eof && p.eof_sent)
+      if (peer_eof && atomic_load(&p.eof_sent))
         break;
       continue;
     }
@@ -189,21 +189,20 @@ static int pump_run(struct link_conn *conn, int fd, atomic_bool *stop,
       r = -EPROTO;
       break;
     }
-    if (peer_eof && p.eof_sent)
+    if (peer_eof && atomic_load(&p.eof_sent))
       break;
   }
   if (r != 0 || atomic_load(stop))
     link_conn_shutdown(conn);
   /* The reader ends at QEMU's EOF, on a send failure, or on stop. */
-  if (r != 0 || !p.eof_sent) {
+  if (r != 0 || !atomic_load(&p.eof_sent))
     shutdown(fd, SHUT_RDWR);
-  }
   pthread_join(reader, NULL);
   if (r == 0 && p.err[0]) {
     snprintf(err, errlen, "%s", p.err);
     r = -EIO;
   }
-  if (r == 0 && atomic_load(stop) && !(peer_eof && p.eof_sent)) {
+  if (r == 0 && atomic_load(stop) && !(peer_eof && atomic_load(&p.eof_sent))) {
     snprintf(err, errlen, "stopped");
     r = -ECANCELED;
   }
