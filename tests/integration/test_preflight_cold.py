@@ -73,9 +73,9 @@ def test_preflight_failure_changes_nothing(env):
     assert b.api_ok("GET", "/v1/migrations")["migrations"] == []
     assert b.d.disk("vda")["size"] == 16 * 1024 * 1024       # untouched
     assert a.vm("vm1")["state"] == "running" and a.d.disk("vda")["fence"] is None
-    # the CLI names the failed check, exit code 2 (refused)
+    # the CLI names the failed check, exit code 1 (refused by ferryd)
     r = a.cli("migrate", "vm1", "--to", "cloud", check=False)
-    assert r.returncode != 0
+    assert r.returncode == 1
     assert "preflight_failed" in r.stderr and "FAIL" in r.stderr, r.stderr
     # a network mapping for a network the VM does not use is an error too
     b.cli("disk", "rm", "vda")
