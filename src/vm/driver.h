@@ -77,6 +77,16 @@ struct vm_driver_ops {
 };
 
 extern const struct vm_driver_ops vm_driver_sim;
+
+/* ---- shared by the drivers (vm.c) ---- */
+
+/* Gone, or a zombie that its parent (init, for a process an earlier ferryd
+ * started) has not reaped yet. */
+bool vm_pid_gone(pid_t pid);
+/* Starts program in a session of its own (it outlives ferryd, as a guest
+ * does), stdin /dev/null, stdout and stderr to logfd (the caller closes its
+ * copy).  The pid, or -errno with err. */
+pid_t vm_spawn(const char *program, char *const argv[], int logfd, char *err, size_t errlen);
 extern const struct vm_driver_ops vm_driver_qemu;
 
 /* ---- probe.c: what the host offers ---- */

@@ -512,33 +512,13 @@ static bool qemu_alive(struct vm_runtime *rt, pid_t pid)
   return ours;
 }
 
-/* A process that is gone or a zombie (an adopted QEMU's parent is init,
- * which may be slow to reap it). */
-static bool pid_gone(pid_t pid)
-{
-  if (kill(pid, 0) < 0)
-    return errno == ESRCH;
-  char path[64], buf[256];
-  snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0)
-    return true;
-  ssize_t n = read(fd, buf, sizeof buf - 1);
-  close(fd);
-  if (n <= 0)
-    return true;
-  buf[n] = '\0';
-  const char *rp = strrchr(buf, ')');       /* "PID (COMM) STATE ..." */
-  return rp && rp[1] == ' ' && (rp[2] == 'Z' || rp[2] == 'X');
-}
-
 /* Waits for pid to go (reaps it if it is our child). */
 static bool wait_gone(pid_t pid, unsigned timeout_ms, int *status)
 {
   uint64_t deadline = now_ns() + (uint64_t)timeout_ms * 1000000;
   for (;;) {
     pid_t w = waitpid(pid, status, WNOHANG);
-    if (w == pid || (w < 0 && errno == ECHILD && pid_gone(pid)))
+    if (w == pid || (w < 0 && errno == ECHILD && vm_pid_gone(pid)))
       return true;
     if (!ms_left(deadline))
       return false;
@@ -581,29 +561,11 @@ static int spawn(struct vm_runtime *rt, const struct launch *l, char *err, size_
     dprintf(logfd, " %s", a.v[i]);
   dprintf(logfd, "\n");
   unlink(rt->control_path);          /* a stale socket of a QEMU that died */
-  pid_t pid = fork();
+  pid_t pid = vm_spawn(program, a.v, logfd, err, errlen);
   if (pid < 0) {
-    int e = errno;
     close(logfd);
     args_free(&a);
-    set_err(err, errlen, "fork: %s", strerror(e));
-    return -e;
-  }
-  if (pid == 0) {
-    /* Child: own session (survives ferryd), default signals, no inherited mask. */
-    setsid();
-    sigset_t none;
-    sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, NULL);
-    signal(SIGPIPE, SIG_DFL);
-    int devnull = open("/dev/null", O_RDONLY);
-    if (devnull >= 0)
-      dup2(devnull, 0);
-    dup2(logfd, 1);
-    dup2(logfd, 2);
-    execv(program, a.v);
-    dprintf(2, "cannot exec %s: %s\n", program, strerror(errno));
-    _exit(127);
+    return (int)pid;
   }
   close(logfd);
   args_free(&a);

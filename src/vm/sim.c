@@ -272,28 +272,10 @@ static int sim_start(struct vm_runtime *rt, bool paused, char *err, size_t errle
     set_err(err, errlen, "cannot open %s: %s", rt->log_path, strerror(errno));
     return -errno;
   }
-  pid_t pid = fork();
+  pid_t pid = vm_spawn(rt->program, (char *const *)argv, logfd, err, errlen);
   if (pid < 0) {
-    int e = errno;
     close(logfd);
-    set_err(err, errlen, "fork: %s", strerror(e));
-    return -e;
-  }
-  if (pid == 0) {
-    /* Child: own session (survives ferryd), default signals, no inherited mask. */
-    setsid();
-    sigset_t none;
-    sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, NULL);
-    signal(SIGPIPE, SIG_DFL);
-    int devnull = open("/dev/null", O_RDONLY);
-    if (devnull >= 0)
-      dup2(devnull, 0);
-    dup2(logfd, 1);
-    dup2(logfd, 2);
-    execv(rt->program, (char *const *)argv);
-    dprintf(2, "cannot exec %s: %s\n", rt->program, strerror(errno));
-    _exit(127);
+    return (int)pid;
   }
   close(logfd);
   rt->pid = pid;

@@ -412,9 +412,7 @@ static void adopt_all(struct vm_manager *m)
   }
 }
 
-/* Gone, or a zombie that its parent (init, for a process an earlier ferryd
- * started) has not reaped yet. */
-static bool pid_gone(pid_t pid)
+bool vm_pid_gone(pid_t pid)
 {
   if (kill(pid, 0) < 0)
     return errno == ESRCH;
@@ -430,6 +428,33 @@ static bool pid_gone(pid_t pid)
   buf[n] = '\0';
   const char *rp = strrchr(buf, ')');       /* "PID (COMM) STATE ..." */
   return rp && rp[1] == ' ' && (rp[2] == 'Z' || rp[2] == 'X');
+}
+
+pid_t vm_spawn(const char *program, char *const argv[], int logfd, char *err, size_t errlen)
+{
+  pid_t pid = fork();
+  if (pid < 0) {
+    int e = errno;
+    set_err(err, errlen, "fork: %s", strerror(e));
+    return -e;
+  }
+  if (pid == 0) {
+    /* Child: own session (survives ferryd), default signals, no inherited mask. */
+    setsid();
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    signal(SIGPIPE, SIG_DFL);
+    int devnull = open("/dev/null", O_RDONLY);
+    if (devnull >= 0)
+      dup2(devnull, 0);
+    dup2(logfd, 1);
+    dup2(logfd, 2);
+    execv(program, argv);
+    dprintf(2, "cannot exec %s: %s\n", program, strerror(errno));
+    _exit(127);
+  }
+  return pid;
 }
 
 static void *watcher_main(void *arg)
@@ -453,7 +478,7 @@ static void *watcher_main(void *arg)
         pid_t w = waitpid(e->pid, &status, WNOHANG);
         gone = w == e->pid || (w < 0 && errno == ECHILD);
       } else {
-        gone = pid_gone(e->pid);
+        gone = vm_pid_gone(e->pid);
       }
       if (!gone)
         continue;
@@ -1616,7 +1641,7 @@ int vm_discard_incoming(struct vm_manager *m, const char *name, const char *migr
     uint64_t deadline = now_ns() + 10000000000ull;
     for (;;) {
       pid_t w = waitpid(b.rt.pid, NULL, WNOHANG);
-      if (w == b.rt.pid || (w < 0 && errno == ECHILD && pid_gone(b.rt.pid)))
+      if (w == b.rt.pid || (w < 0 && errno == ECHILD && vm_pid_gone(b.rt.pid)))
         break;
       if (now_ns() > deadline) {
         log_warn(NULL, "VM '%s': QEMU pid %d does not die", name, (int)b.rt.pid);
