@@ -62,7 +62,6 @@ static void dest_checks(const struct migrations_shared *sh, const char *peer, js
                         json_t *checks)
 {
   char err[512], b1[32], b2[32];
-  const char *mode = json_string_value(json_object_get(q, "mode"));
   struct vm_spec spec;
   if (vm_spec_from_json(json_object_get(q, "vm"), &spec, err, sizeof err) < 0) {
     add_check(checks, "request", false, "the VM description is not valid: %s", err);
@@ -170,7 +169,6 @@ static void dest_checks(const struct migrations_shared *sh, const char *peer, js
     add_check(checks, "network", ok, ok ? "'%s' exists here" : "no network '%s' here",
               spec.nics[k].network);
   }
-  (void)mode;
 }
 
 void preflight_serve_dest(struct migrations *ms, struct link_conn *conn, const void *q,
