@@ -2,7 +2,9 @@
  * protocol (src/replicate/proto.c): what a destination reads from a source
  * (HELLO, DATA, CTRL, BLOB, PING, TUNNEL_OPEN, QUERY, and the VM description
  * in them: vm_spec_from_json) and what a source reads from a destination
- * (HELLO_OK, REPLY, ACK, NACK, HASHES, ERROR, QUERY_REPLY).
+ * (HELLO_OK, REPLY, ACK, NACK, HASHES, ERROR, QUERY_REPLY), and a warm
+ * session's frames both ways (WARM_HELLO and its "warm" parameters,
+ * WARM_FETCH, WARM_FILL, WARM_MAP, WARM_WB, WARM_REQ/REPLY).
  *
  * The first input byte picks the frame type (as on the wire), the rest is the
  * payload, exactly as link_recv hands it over.  Accepted inputs are checked
@@ -27,7 +29,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
   }
   if (size < 1 || size > (1u << 20))
     return 0;
-  uint8_t type = data[0] % 18;
+  uint8_t type = data[0] % 25;
   /* A copy of exactly the payload, so ASan sees any read past its end. */
   uint32_t len = (uint32_t)(size - 1);
   uint8_t *p = malloc(len ? len : 1);
@@ -66,6 +68,43 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         (void)proto_hash_at(&h, i);
     break;
   }
+  case MSG_WARM_FETCH: {
+    struct proto_fetch f;
+    if (proto_fetch_parse(p, len, &f, err, sizeof err) == 0) {
+      uint8_t b[WARM_FETCH_SIZE];
+      proto_fetch_encode(&f, b);
+      if (memcmp(b, p, WARM_FETCH_SIZE) != 0 || f.count == 0 || f.count > WARM_MAX_FETCH)
+        abort();
+    }
+    break;
+  }
+  case MSG_WARM_FILL: {
+    struct proto_fill f;
+    if (proto_fill_parse(p, len, &f, err, sizeof err) == 0) {
+      if ((const uint8_t *)f.bytes + f.len != p + len || (f.kind != WARM_FILL_DATA && f.len))
+        abort();
+      volatile uint8_t x = f.len ? ((const uint8_t *)f.bytes)[f.len - 1] : 0;
+      (void)x;
+    }
+    break;
+  }
+  case MSG_WARM_MAP: {
+    struct proto_map m;
+    if (proto_map_parse(p, len, &m, err, sizeof err) == 0) {
+      if (m.values + 8 * (size_t)m.count != p + len)
+        abort();
+      for (uint32_t i = 0; i < m.count; i++)
+        (void)proto_map_value(&m, i);
+    }
+    break;
+  }
+  case MSG_WARM_WB: {
+    struct proto_wb w;
+    if (proto_wb_parse(p, len, &w, err, sizeof err) == 0 &&
+        (const uint8_t *)w.bytes + w.len != p + len)
+      abort();
+    break;
+  }
   case MSG_ACK:
   case MSG_NACK:
   case MSG_PING:
@@ -80,7 +119,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
       struct proto_ctrl c;
       struct proto_hello h;
       proto_parse_ctrl(j, &c, err, sizeof err);
-      proto_parse_hello(j, &h, err, sizeof err);
+      if (proto_parse_hello(j, &h, err, sizeof err) == 0) {
+        struct proto_warm_params wp;
+        if (proto_parse_warm_params(json_object_get(j, "warm"), h.ndisks, &wp, err,
+                                    sizeof err) == 0 &&
+            (wp.rpo_s < 1 || wp.rpo_s > 86400 || strlen(wp.prefetch) > 4))
+          abort();
+      }
       /* The VM a peer describes (activate, prepare_incoming, QUERY). */
       static struct vm_spec spec;
       const json_t *vm = json_object_get(j, "vm");

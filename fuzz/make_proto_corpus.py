@@ -11,6 +11,7 @@ OUT = os.path.join(HERE, "corpus", "proto")
 
 DATA, CTRL, BLOB, HASHES, ACK, HELLO, HELLO_OK, REPLY = 3, 4, 10, 11, 6, 1, 2, 5
 TUNNEL_OPEN, QUERY = 13, 16
+WARM_HELLO, WARM_REQ, WARM_REPLY, WARM_FETCH, WARM_FILL, WARM_MAP, WARM_WB = range(18, 25)
 
 # A qemu VM as vm_spec_to_json describes it (the destination parses it with
 # vm_spec_from_json).
@@ -64,6 +65,25 @@ seeds = {
         {"op": "preflight", "mode": "live", "vm": QEMU_VM,
          "disks": [{"name": "vda", "size": 1 << 30, "allocated": 1 << 20}]}).encode(),
     "reply": bytes([REPLY]) + json.dumps({"req": 1, "ok": True, "applied_seq": 9}).encode(),
+    "warm_hello": bytes([WARM_HELLO]) + json.dumps({
+        "protocol": 1, "session": "m-0123456789ab", "migration": "m-0123456789ab",
+        "vm": "vm1", "mode": "warm", "source_site": "onprem",
+        "disks": [{"name": "vda", "size": 1 << 30, "granularity": 65536}],
+        "warm": {"rpo_s": 1200, "quota": [1 << 30], "prefetch": "hot",
+                 "hydrate_bps": 1 << 26, "degraded_after_s": 300}}).encode(),
+    "warm_req_activate": bytes([WARM_REQ]) + json.dumps(
+        {"op": "activate", "req": 2, "vm": {"name": "vm1", "driver": "sim", "disks": ["vda"]},
+         "state_size": 5, "state_xxh64": "0123456789abcdef"}).encode(),
+    "warm_req_wb_end": bytes([WARM_REQ]) + json.dumps(
+        {"op": "wb_end", "req": 3, "point": 1, "size": 4096, "time_ns": 1}).encode(),
+    "warm_reply": bytes([WARM_REPLY]) + json.dumps({"req": 3, "ok": True, "point": 1}).encode(),
+    "warm_fetch": bytes([WARM_FETCH]) + struct.pack("<IIQ", 0, 16, 1024),
+    "warm_fill_data": bytes([WARM_FILL]) + struct.pack("<IIQII", 0, 1, 7, 1, 0) + b"x" * 64,
+    "warm_fill_zero": bytes([WARM_FILL]) + struct.pack("<IIQII", 0, 4, 8, 2, 0),
+    "warm_fill_error": bytes([WARM_FILL]) + struct.pack("<IIQII", 0, 1, 9, 3, 5),
+    "warm_map_holes": bytes([WARM_MAP]) + struct.pack("<IIQ", 0, 1, 0) + struct.pack("<QQ", 3, 0),
+    "warm_map_hot": bytes([WARM_MAP]) + struct.pack("<IIQ", 0, 2, 0) + struct.pack("<QQQ", 5, 1, 9),
+    "warm_wb": bytes([WARM_WB]) + struct.pack("<QQ", 1, 0) + b"FERRYWBJ" + bytes(56),
 }
 
 os.makedirs(OUT, exist_ok=True)

@@ -33,23 +33,47 @@ static void h_start(void *ctx, struct http_request *req, struct http_response *r
 {
   struct api *a = ctx;
   static const char *const fields[] = { "vm", "to", "mode", "max_downtime", "rate_limit",
-                                        "verify", "networks", "preflight_only", NULL };
+                                        "verify", "networks", "preflight_only", "rpo",
+                                        "cache_size", "prefetch", "hydrate_rate",
+                                        "degraded_after", NULL };
   if (!http_query_check(req, NULL, resp))
     return;
   json_t *body = http_body_object(req, false, resp);
   if (!body)
     return;
   struct migrate_request mr = { 0 };
-  const char *vm, *to, *mode, *verify;
+  const char *vm, *to, *mode, *verify, *prefetch = NULL;
   json_t *jd = json_object_get(body, "max_downtime"), *jr = json_object_get(body, "rate_limit");
+  json_t *jrpo = json_object_get(body, "rpo"), *jcs = json_object_get(body, "cache_size"),
+         *jhr = json_object_get(body, "hydrate_rate"), *jda = json_object_get(body, "degraded_after");
+  uint64_t rpo_ms = 0, da_ms = 0;
   if (!api_only_fields(body, fields, resp) ||
       !api_string_field(body, "vm", true, 64, &vm, resp) || !api_valid_name(vm, resp) ||
       !api_string_field(body, "to", true, 255, &to, resp) ||
       !api_string_field(body, "mode", false, 7, &mode, resp) ||
       !api_string_field(body, "verify", false, 15, &verify, resp) ||
       (jd && !api_duration_ms_field(jd, "max_downtime", &mr.max_downtime_ms, resp)) ||
-      (jr && !api_size_field(jr, "rate_limit", true, &mr.rate_limit_bps, resp)))
+      (jr && !api_size_field(jr, "rate_limit", true, &mr.rate_limit_bps, resp)) ||
+      !api_string_field(body, "prefetch", false, 7, &prefetch, resp) ||
+      (jrpo && !api_duration_ms_field(jrpo, "rpo", &rpo_ms, resp)) ||
+      (jda && !api_duration_ms_field(jda, "degraded_after", &da_ms, resp)) ||
+      (jcs && !api_size_field(jcs, "cache_size", false, &mr.cache_size, resp)) ||
+      (jhr && !api_size_field(jhr, "hydrate_rate", true, &mr.hydrate_bps, resp)))
     goto out;
+  if ((jrpo && rpo_ms < 1000) || (jda && da_ms < 1000)) {
+    http_error(resp, 400, "invalid_argument", "'%s' must be at least 1 s",
+               jrpo && rpo_ms < 1000 ? "rpo" : "degraded_after");
+    goto out;
+  }
+  if (prefetch && strcmp(prefetch, "hot") != 0 && strcmp(prefetch, "none") != 0) {
+    http_error(resp, 400, "invalid_argument", "'prefetch' must be \"hot\" or \"none\"");
+    goto out;
+  }
+  mr.rpo_s = rpo_ms / 1000;
+  mr.degraded_after_s = da_ms / 1000;
+  mr.hydrate_set = jhr != NULL;
+  if (prefetch)
+    snprintf(mr.prefetch, sizeof mr.prefetch, "%s", prefetch);
   if (verify && strcmp(verify, "full") != 0 && strcmp(verify, "incremental") != 0) {
     http_error(resp, 400, "invalid_argument", "'verify' must be \"full\" or \"incremental\"");
     goto out;
@@ -176,11 +200,133 @@ static void h_update(void *ctx, struct http_request *req, struct http_response *
   json_decref(body);
 }
 
+/* POST /v1/migrations/{id or VM}/commit | migrate-back | rpo-now (warm). */
+static void warm_command(struct api *a, struct http_request *req, struct http_response *resp,
+                         const char *cmd)
+{
+  if (!http_query_check(req, NULL, resp))
+    return;
+  const char *id = http_param(req, 0);
+  if (!id || (!proto_id_is_valid(id) && !name_is_valid(id))) {
+    http_error(resp, 400, "invalid_argument", "'%.40s' is neither a migration id nor a VM name",
+               id ? id : "");
+    return;
+  }
+  json_t *body = http_body_object(req, true, resp);
+  if (!body)
+    return;
+  static const char *const fields[] = { "last_rpo", "wait", NULL };
+  json_t *jl = json_object_get(body, "last_rpo"), *jw = json_object_get(body, "wait");
+  uint64_t wait_ms = 600000;
+  if (!api_only_fields(body, fields, resp) ||
+      (jw && !api_duration_ms_field(jw, "wait", &wait_ms, resp)))
+    goto out;
+  if (jl && !json_is_boolean(jl)) {
+    http_error(resp, 400, "invalid_argument", "'last_rpo' must be true or false");
+    goto out;
+  }
+  if (jl && strcmp(cmd, "back") != 0) {
+    http_error(resp, 400, "invalid_argument", "'last_rpo' goes with migrate-back only");
+    goto out;
+  }
+  if (json_is_true(jl))
+    cmd = "back-rpo";
+  char err[1024];
+  int r = migrations_warm_command(a->migrations, id, cmd, (unsigned)MIN(wait_ms / 1000, 3600),
+                                  err, sizeof err);
+  if (r == -EINPROGRESS) {
+    http_error(resp, 504, "in_progress", "%s", err);
+  } else if (r < 0) {
+    api_answer_errno(resp, r, err, false);
+    api_log_server_error(req, resp);
+  } else {
+    json_t *list = migrations_list_json(a->migrations);
+    /* The migration's document: by id, or the VM's newest. */
+    json_t *found = NULL, *x;
+    size_t i;
+    json_array_foreach(json_object_get(list, "migrations"), i, x) {
+      const char *mid = json_string_value(json_object_get(x, "id"));
+      const char *mvm = json_string_value(json_object_get(x, "vm"));
+      if ((mid && strcmp(mid, id) == 0) || (mvm && strcmp(mvm, id) == 0 &&
+          strcmp(json_string_value(json_object_get(x, "mode")) ?: "", "warm") == 0))
+        found = x;
+    }
+    http_reply(resp, 200, found ? json_incref(found) : json_pack("{s:b}", "ok", true));
+    json_decref(list);
+  }
+out:
+  json_decref(body);
+}
+
+static void h_commit(void *ctx, struct http_request *req, struct http_response *resp)
+{
+  warm_command(ctx, req, resp, "commit");
+}
+static void h_back(void *ctx, struct http_request *req, struct http_response *resp)
+{
+  warm_command(ctx, req, resp, "back");
+}
+static void h_rpo_now(void *ctx, struct http_request *req, struct http_response *resp)
+{
+  warm_command(ctx, req, resp, "rpo-now");
+}
+
+/* /v1/snapshots: restore points of warm migrations' sources. */
+static void h_snap_list(void *ctx, struct http_request *req, struct http_response *resp)
+{
+  struct api *a = ctx;
+  if (!http_query_check(req, NULL, resp) || !api_no_body(req, resp))
+    return;
+  http_reply(resp, 200, migrations_snapshots_json(a->migrations));
+}
+
+static void h_snap_rm(void *ctx, struct http_request *req, struct http_response *resp)
+{
+  struct api *a = ctx;
+  if (!http_query_check(req, NULL, resp) || !api_no_body(req, resp))
+    return;
+  const char *vm = http_param(req, 0);
+  if (!api_valid_name(vm, resp))
+    return;
+  char err[1024];
+  int r = migrations_snapshot_op(a->migrations, vm, false, err, sizeof err);
+  if (r < 0) {
+    api_answer_errno(resp, r, err, false);
+    api_log_server_error(req, resp);
+    return;
+  }
+  http_reply(resp, 200, json_pack("{s:b, s:s}", "ok", true, "vm", vm));
+}
+
+static void h_snap_restore(void *ctx, struct http_request *req, struct http_response *resp)
+{
+  struct api *a = ctx;
+  if (!http_query_check(req, NULL, resp) || !api_no_body(req, resp))
+    return;
+  const char *vm = http_param(req, 0);
+  if (!api_valid_name(vm, resp))
+    return;
+  char err[1024];
+  int r = migrations_snapshot_op(a->migrations, vm, true, err, sizeof err);
+  if (r < 0) {
+    api_answer_errno(resp, r, err, false);
+    api_log_server_error(req, resp);
+    return;
+  }
+  http_reply(resp, 200, json_pack("{s:b, s:s}", "ok", true, "vm", vm));
+}
+
 const struct http_route migration_routes[] = {
   { "GET", "/v1/migrations", h_list },
   { "POST", "/v1/migrations", h_start },
   { "GET", "/v1/migrations/{}", h_get },
   { "PUT", "/v1/migrations/{}", h_update },
   { "POST", "/v1/migrations/{}/cancel", h_cancel },
+  { "POST", "/v1/migrations/{}/commit", h_commit },
+  { "POST", "/v1/migrations/{}/migrate-back", h_back },
+  { "POST", "/v1/migrations/{}/rpo-now", h_rpo_now },
+  { "GET", "/v1/snapshots", h_snap_list },
+  { "DELETE", "/v1/snapshots/{}", h_snap_rm },
+  { "POST", "/v1/snapshots/{}/restore", h_snap_restore },
 };
 const size_t migration_nroutes = sizeof migration_routes / sizeof migration_routes[0];

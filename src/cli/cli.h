@@ -53,6 +53,9 @@ int cmd_network(struct cli *c, int argc, char **argv);      /* host_cmd.c */
 int cmd_hypervisor(struct cli *c, int argc, char **argv);   /* host_cmd.c */
 int cmd_migrate(struct cli *c, int argc, char **argv);
 int cmd_migration(struct cli *c, int argc, char **argv);
+int cmd_commit(struct cli *c, int argc, char **argv);         /* migrate_cmd.c */
+int cmd_migrate_back(struct cli *c, int argc, char **argv);   /* migrate_cmd.c */
+int cmd_snapshot(struct cli *c, int argc, char **argv);       /* migrate_cmd.c */
 
 /* --- args.c: parsing shared by the subcommands --- */
 

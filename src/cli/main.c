@@ -52,10 +52,16 @@ static void usage(FILE *f)
     "                              the networks VM NICs attach to\n"
     "  hypervisor show qemu|sim [--refresh] | list\n"
     "                              what this host offers: QEMU, machines, CPU models, KVM\n"
-    "  migrate VM --to SITE [--mode live|cold] [--max-downtime 500ms] [--rate-limit RATE]\n"
+    "  migrate VM --to SITE [--mode live|warm|cold] [--max-downtime 500ms] [--rate-limit RATE]\n"
     "          [--verify incremental|full] [--map-network SRC=DST]... [--preflight] [--wait]\n"
+    "          warm: [--rpo 20m] [--cache-size SIZE] [--prefetch hot|none] [--hydrate-rate R]\n"
     "                              migrate a VM to a paired site (pre-flight checks first)\n"
-    "  migration list | show ID | wait ID | set ID --rate-limit RATE | cancel ID\n"
+    "  migration list | show ID | wait ID | set ID --rate-limit RATE | cancel ID | rpo-now VM\n"
+    "  commit VM                   warm: the destination becomes the only copy\n"
+    "  migrate-back VM [--last-rpo --yes]\n"
+    "                              warm: the VM comes back with every write (Try Before Commit)\n"
+    "  snapshot list | rm VM | restore VM --yes\n"
+    "                              restore points taken when a warm migration starts\n"
     "  status                      daemon health\n"
     "  version                     versions of ferry and ferryd\n"
     "\n"
@@ -412,6 +418,12 @@ int main(int argc, char **argv)
     ret = cmd_migrate(&c, argc - 1, argv + 1);
   else if (strcmp(cmd, "migration") == 0 || strcmp(cmd, "migrations") == 0)
     ret = cmd_migration(&c, argc - 1, argv + 1);
+  else if (strcmp(cmd, "commit") == 0)
+    ret = cmd_commit(&c, argc - 1, argv + 1);
+  else if (strcmp(cmd, "migrate-back") == 0)
+    ret = cmd_migrate_back(&c, argc - 1, argv + 1);
+  else if (strcmp(cmd, "snapshot") == 0 || strcmp(cmd, "snapshots") == 0)
+    ret = cmd_snapshot(&c, argc - 1, argv + 1);
   else if (strcmp(cmd, "status") == 0)
     ret = cmd_status(&c, argc - 1, argv + 1);
   else if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0)

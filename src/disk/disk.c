@@ -47,8 +47,10 @@
 
 #include "common/log.h"
 #include "common/util.h"
+#include "cache/cache.h"
 #include "disk/backend.h"
 #include "disk/cbt.h"
+#include "disk/snapshot.h"
 #include "disk/throttle.h"
 
 #define ERRLOG_INTERVAL_NS 1000000000ull   /* at most one IO error line a second */
@@ -56,7 +58,10 @@
 struct disk {
   _Atomic unsigned refs;
   char *name, *image_path;
-  struct backend *be;
+  struct backend *be;                  /* the image, or the cloud cache over it */
+  struct cache *cache;                 /* non-NULL: be is this cache's backend */
+  _Atomic(struct snapshot *) snap;     /* restore point, NULL when none */
+  pthread_rwlock_t snap_lock;          /* shared by preservers, exclusive by detach */
   uint64_t size;
   uint64_t granularity;                /* of the map, also when CBT is off */
   struct cbt *cbt;                     /* NULL: CBT off */
@@ -160,6 +165,9 @@ static void disk_free(struct disk *d)
   heat_free(d->heat);
   if (d->be)
     d->be->ops->close(d->be);
+  if (atomic_load(&d->snap))
+    snapshot_close(atomic_load(&d->snap));
+  pthread_rwlock_destroy(&d->snap_lock);
   throttle_destroy(&d->throttle);
   pthread_mutex_destroy(&d->limit_lock);
   pthread_mutex_destroy(&d->fence_lock);
@@ -204,6 +212,7 @@ struct disk *disk_open(const struct disk_config *cfg, char *err, size_t errlen)
   atomic_init(&d->limit_operator, cfg->write_limit_bps);
   pthread_mutex_init(&d->limit_lock, NULL);
   pthread_mutex_init(&d->fence_lock, NULL);
+  pthread_rwlock_init(&d->snap_lock, NULL);
   pthread_mutex_init(&d->tick_lock, NULL);
   pthread_condattr_t ca;
   pthread_condattr_init(&ca);
@@ -224,6 +233,28 @@ struct disk *disk_open(const struct disk_config *cfg, char *err, size_t errlen)
     goto fail;
   }
   d->size = d->be->size;
+  if (cfg->cache_path) {
+    /* The cache takes the image's backend over and serves in its place. */
+    struct cache_config cc = {
+      .meta_path = cfg->cache_path,
+      .disk_name = d->name,
+      .granularity = gran,
+      .quota_bytes = cfg->cache_quota,
+      .create = cfg->cache_new,
+      .hydrate_bps = 0,              /* the warm migration sets the rate once it runs */
+    };
+    struct backend *local = d->be;
+    d->be = NULL;
+    d->cache = cache_open(&cc, local, berr, sizeof berr);
+    if (!d->cache) {
+      set_err(err, errlen, "disk '%s': cloud cache: %s", cfg->name, berr);
+      goto fail;
+    }
+    d->be = cache_backend(d->cache);
+  }
+  if (cfg->snapshot_path &&
+      disk_attach_snapshot(d, cfg->snapshot_path, false, err, errlen) < 0)
+    goto fail;
 
   if (cfg->cbt_enabled) {
     char cerr[256];
@@ -233,6 +264,8 @@ struct disk *disk_open(const struct disk_config *cfg, char *err, size_t errlen)
       set_err(err, errlen, "%s", cerr);
       goto fail;
     }
+    if (d->cache)
+      cache_set_dirty_map(d->cache, cbt_bitmap(d->cbt));
   } else if (cfg->cbt_path && *cfg->cbt_path) {
     /* Writes will go untracked: the map must not be trusted later. */
     int r = cbt_invalidate(cfg->cbt_path, d->name);
@@ -392,6 +425,18 @@ static int modify(struct disk *d, enum io_kind kind, const void *buf, uint32_t l
   bool replica = flags & DISK_IO_REPLICA;
   if (!replica && atomic_load_explicit(&d->fenced, memory_order_acquire))
     return -EROFS;               /* another site is authoritative (disk.h) */
+  if (atomic_load_explicit(&d->snap, memory_order_acquire)) {
+    /* The restore point keeps what is about to change, before it changes. */
+    pthread_rwlock_rdlock(&d->snap_lock);
+    struct snapshot *snap = atomic_load(&d->snap);
+    int pr = snap ? snapshot_preserve(snap, d->be, off, len, flags & DISK_IO_NOWAIT) : 0;
+    pthread_rwlock_unlock(&d->snap_lock);
+    if (pr < 0) {
+      if (pr != -EAGAIN)
+        log_io_error(d, "restore point copy", off, len, pr);
+      return pr;
+    }
+  }
   struct heat *heat = replica ? NULL : d->heat;
   struct cbt *cbt = replica ? NULL : d->cbt;
   uint64_t t0 = heat ? now_ns() : 0;
@@ -401,7 +446,8 @@ static int modify(struct disk *d, enum io_kind kind, const void *buf, uint32_t l
   int r;
 
   if (nowait) {
-    if (fua || (kind == IO_ZERO && d->be->is_block_device))
+    /* A cloud cache makes every change durable before it returns. */
+    if (fua || d->cache || (kind == IO_ZERO && d->be->is_block_device))
       return -EAGAIN;
     if (cbt) {
       if (!cbt_write_trybegin(cbt))
@@ -657,4 +703,77 @@ bool disk_cbt_owner(struct disk *d, char *buf, size_t len)
     snprintf(buf, len, "%s", d->cbt_owner);
   pthread_mutex_unlock(&d->fence_lock);
   return owned;
+}
+
+/* ---- restore point ---- */
+
+int disk_attach_snapshot(struct disk *d, const char *path, bool create, char *err, size_t errlen)
+{
+  char serr[256];
+  struct snapshot *snap = snapshot_open(path, d->name, d->size, d->granularity, create, serr,
+                                        sizeof serr);
+  if (!snap) {
+    set_err(err, errlen, "disk '%s': restore point %s: %s", d->name, path, serr);
+    return -EIO;
+  }
+  pthread_rwlock_wrlock(&d->snap_lock);
+  struct snapshot *old = atomic_exchange(&d->snap, snap);
+  pthread_rwlock_unlock(&d->snap_lock);
+  if (old)
+    snapshot_close(old);
+  return 0;
+}
+
+void disk_detach_snapshot(struct disk *d, bool delete_files)
+{
+  pthread_rwlock_wrlock(&d->snap_lock);
+  struct snapshot *old = atomic_exchange(&d->snap, NULL);
+  pthread_rwlock_unlock(&d->snap_lock);
+  if (old)
+    snapshot_close(old);
+  (void)delete_files;   /* the caller knows the path: snapshot_delete() */
+}
+
+bool disk_has_snapshot(struct disk *d) { return atomic_load(&d->snap) != NULL; }
+
+int disk_restore_snapshot(struct disk *d, char *err, size_t errlen)
+{
+  pthread_rwlock_wrlock(&d->snap_lock);
+  struct snapshot *snap = atomic_load(&d->snap);
+  int r = snap ? snapshot_restore(snap, d->be) : -ENOENT;
+  pthread_rwlock_unlock(&d->snap_lock);
+  if (r == -ENOENT)
+    set_err(err, errlen, "disk '%s' has no restore point", d->name);
+  else if (r < 0)
+    set_err(err, errlen, "disk '%s': restoring the restore point failed: %s", d->name,
+            strerror(-r));
+  return r;
+}
+
+bool disk_snapshot_info(struct disk *d, uint64_t *saved_bytes, uint64_t *created_ns)
+{
+  pthread_rwlock_rdlock(&d->snap_lock);
+  struct snapshot *snap = atomic_load(&d->snap);
+  if (snap) {
+    *saved_bytes = snapshot_saved_bytes(snap);
+    *created_ns = snapshot_created_ns(snap);
+  }
+  pthread_rwlock_unlock(&d->snap_lock);
+  return snap != NULL;
+}
+
+/* ---- cloud cache ---- */
+
+struct cache *disk_cache_layer(struct disk *d) { return d->cache; }
+
+int disk_mark_dirty(struct disk *d, uint64_t off, uint64_t len)
+{
+  if (!d->cbt)
+    return 0;
+  cbt_write_begin(d->cbt);
+  uint64_t ticket = cbt_mark(d->cbt, off, len);
+  cbt_write_end(d->cbt);
+  if (ticket == CBT_TICKET_FAILED)
+    return -EIO;
+  return ticket ? cbt_wait(d->cbt, ticket) : 0;
 }

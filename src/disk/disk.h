@@ -40,6 +40,12 @@ struct disk_config {
                                    added): a clean map is created ("created").
                                    Otherwise an absent map file cannot vouch
                                    for anything: all dirty ("recovered"). */
+  const char *cache_path;       /* non-NULL: the disk is a cloud cache over its
+                                   image (src/cache/cache.h), this its present
+                                   map: a warm migration's destination */
+  uint64_t cache_quota;         /* bytes of local space for the cache, 0 = no limit */
+  bool cache_new;               /* a new cache: nothing present yet */
+  const char *snapshot_path;    /* non-NULL: a restore point is kept (snapshot.h) */
 };
 
 /* Opens the backend and loads (or creates) the CBT map.  A missing, corrupt or
@@ -163,6 +169,25 @@ void disk_fence_reason(struct disk *d, char *buf, size_t len);
 void disk_client_attach(struct disk *d);
 void disk_client_detach(struct disk *d);
 unsigned disk_clients(const struct disk *d);
+
+/* --- Restore point (src/disk/snapshot.h): copy-before-write of every change
+ * (the guest's and ferry's own) from the moment it is attached --- */
+int disk_attach_snapshot(struct disk *d, const char *path, bool create, char *err, size_t errlen);
+/* Detaches (no change is preserved any more) and, with delete_files, removes it. */
+void disk_detach_snapshot(struct disk *d, bool delete_files);
+bool disk_has_snapshot(struct disk *d);
+/* Rolls the disk back to the restore point (which stays).  The caller makes
+ * sure nobody writes meanwhile (the disk fenced, its VM stopped). */
+int disk_restore_snapshot(struct disk *d, char *err, size_t errlen);
+/* Saved bytes and creation time (realtime ns); false without a snapshot. */
+bool disk_snapshot_info(struct disk *d, uint64_t *saved_bytes, uint64_t *created_ns);
+
+/* --- Cloud cache (src/cache/cache.h) --- */
+struct cache;
+struct cache *disk_cache_layer(struct disk *d);   /* NULL: not a cache */
+/* Marks a range dirty in the CBT map, durably (a point of write-back that
+ * could not be completed is folded back into the next one). */
+int disk_mark_dirty(struct disk *d, uint64_t off, uint64_t len);
 
 /* Makes everything durable (backend fdatasync) and writes the CBT map in full.
  * Called on SIGTERM and by disk_unref(). */

@@ -39,6 +39,7 @@
  * be deleted) is logged here.
  */
 #include "disk/registry.h"
+#include "disk/snapshot.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -57,7 +58,7 @@
 #include "common/util.h"
 #include "disk/cbt.h"
 
-#define REGISTRY_SCHEMA_VERSION 2
+#define REGISTRY_SCHEMA_VERSION 3
 #define GRANULARITY_MIN (4096ull)
 #define GRANULARITY_MAX (1024ull * 1024 * 1024)
 
@@ -105,6 +106,13 @@ static char *cbt_path_for(const struct registry *r, const char *name)
 {
   char *p;
   return asprintf(&p, "%s/cbt/%s.cbt", r->data_dir, name) < 0 ? NULL : p;
+}
+
+/* A cloud cache's present map (schema 3: column cache_quota not NULL). */
+static char *cache_path_for(const struct registry *r, const char *name)
+{
+  char *p;
+  return asprintf(&p, "%s/cache/%s.present", r->data_dir, name) < 0 ? NULL : p;
 }
 
 /* ---- in-memory list (__r->lock held) ---- */
@@ -237,12 +245,13 @@ static int db_delete(struct registry *r, const char *name, char *err, size_t err
 }
 
 static int db_insert(struct registry *r, const char *name, const char *image, bool owned,
-                     uint64_t size, uint64_t granularity, const char *fence, char *err,
-                     size_t errlen)
+                     uint64_t size, uint64_t granularity, const char *fence, int64_t cache_quota,
+                     char *err, size_t errlen)
 {
   sqlite3_stmt *st = db_prepare(r,
       "INSERT INTO disks (name, image, owned, size, cbt_granularity, write_limit_bps, created_at,"
-      " fence) VALUES (?1, ?2, ?3, ?4, ?5, 0, strftime('%Y-%m-%dT%H:%M:%SZ', 'now'), ?6)",
+      " fence, cache_quota) VALUES (?1, ?2, ?3, ?4, ?5, 0,"
+      " strftime('%Y-%m-%dT%H:%M:%SZ', 'now'), ?6, ?7)",
       err, errlen);
   if (!st)
     return -EIO;
@@ -255,6 +264,10 @@ static int db_insert(struct registry *r, const char *name, const char *image, bo
     sqlite3_bind_text(st, 6, fence, -1, SQLITE_STATIC);
   else
     sqlite3_bind_null(st, 6);
+  if (cache_quota >= 0)
+    sqlite3_bind_int64(st, 7, cache_quota);
+  else
+    sqlite3_bind_null(st, 7);
   int ret = db_step_done(r, st, "insert a disk", err, errlen);
   sqlite3_finalize(st);
   if (ret == -EEXIST)
@@ -334,11 +347,15 @@ static int check_name(const char *name, char *err, size_t errlen)
  * ferry (create/add), so any map file at its path is stale and replaced by a
  * clean one; otherwise a missing map makes the disk all dirty. */
 static struct disk *open_disk(struct registry *r, const char *name, const char *image,
-                              uint64_t granularity, uint64_t write_limit, bool fresh, char *err,
+                              uint64_t granularity, uint64_t write_limit, bool fresh,
+                              int64_t cache_quota, const char *snapshot, char *err,
                               size_t errlen)
 {
   char *cbt = cbt_path_for(r, name);
-  if (!cbt) {
+  char *cache = cache_quota >= 0 ? cache_path_for(r, name) : NULL;
+  if (!cbt || (cache_quota >= 0 && !cache)) {
+    free(cbt);
+    free(cache);
     set_err(err, errlen, "out of memory");
     return NULL;
   }
@@ -351,9 +368,14 @@ static struct disk *open_disk(struct registry *r, const char *name, const char *
     .heat_enabled = r->opt.heat_enabled,
     .write_limit_bps = write_limit,
     .cbt_new = fresh,
+    .cache_path = cache,
+    .cache_quota = cache_quota > 0 ? (uint64_t)cache_quota : 0,
+    .cache_new = fresh,
+    .snapshot_path = snapshot,
   };
   struct disk *d = disk_open(&cfg, err, errlen);
   free(cbt);
+  free(cache);
   return d;
 }
 
@@ -496,25 +518,35 @@ static int open_db(struct registry *r, char *err, size_t errlen)
                 " cbt_granularity INTEGER NOT NULL,"
                 " write_limit_bps INTEGER NOT NULL DEFAULT 0,"
                 " created_at TEXT NOT NULL,"
-                " fence TEXT);"
-                "PRAGMA user_version = 2;"
+                " fence TEXT,"
+                " cache_quota INTEGER,"
+                " snapshot TEXT);"
+                "PRAGMA user_version = 3;"
                 "COMMIT;", msg, sizeof msg) < 0) {
       db_exec(r->db, "ROLLBACK", msg, sizeof msg);
       set_err(err, errlen, "registry %s: cannot create the schema: %s", path, msg);
       goto fail;
     }
     log_info(NULL, "registry %s created", path);
-  } else if (version == 1) {
-    if (db_exec(r->db,
+  } else if (version == 1 || version == 2) {
+    /* 2: fences; 3: cloud caches and restore points. */
+    if (db_exec(r->db, version == 1 ?
                 "BEGIN IMMEDIATE;"
                 "ALTER TABLE disks ADD COLUMN fence TEXT;"
-                "PRAGMA user_version = 2;"
+                "ALTER TABLE disks ADD COLUMN cache_quota INTEGER;"
+                "ALTER TABLE disks ADD COLUMN snapshot TEXT;"
+                "PRAGMA user_version = 3;"
+                "COMMIT;" :
+                "BEGIN IMMEDIATE;"
+                "ALTER TABLE disks ADD COLUMN cache_quota INTEGER;"
+                "ALTER TABLE disks ADD COLUMN snapshot TEXT;"
+                "PRAGMA user_version = 3;"
                 "COMMIT;", msg, sizeof msg) < 0) {
       db_exec(r->db, "ROLLBACK", msg, sizeof msg);
-      set_err(err, errlen, "registry %s: cannot upgrade the schema to version 2: %s", path, msg);
+      set_err(err, errlen, "registry %s: cannot upgrade the schema to version 3: %s", path, msg);
       goto fail;
     }
-    log_info(NULL, "registry %s upgraded to schema version 2", path);
+    log_info(NULL, "registry %s upgraded to schema version 3", path);
   } else if (version != REGISTRY_SCHEMA_VERSION) {
     set_err(err, errlen,
             "registry %s has schema version %d; this ferryd knows version %d "
@@ -538,8 +570,8 @@ fail:
 static int load_disks(struct registry *r, char *err, size_t errlen)
 {
   sqlite3_stmt *st = db_prepare(r,
-      "SELECT name, image, owned, size, cbt_granularity, write_limit_bps, fence FROM disks"
-      " ORDER BY name", err, errlen);
+      "SELECT name, image, owned, size, cbt_granularity, write_limit_bps, fence, cache_quota,"
+      " snapshot FROM disks ORDER BY name", err, errlen);
   if (!st)
     return -1;
   int rc;
@@ -551,12 +583,16 @@ static int load_disks(struct registry *r, char *err, size_t errlen)
     uint64_t gran = (uint64_t)sqlite3_column_int64(st, 4);
     uint64_t limit = (uint64_t)sqlite3_column_int64(st, 5);
     const char *fence = (const char *)sqlite3_column_text(st, 6);
+    int64_t cache_quota = sqlite3_column_type(st, 7) == SQLITE_NULL
+                              ? -1 : sqlite3_column_int64(st, 7);
+    const char *snapshot = (const char *)sqlite3_column_text(st, 8);
     if (!name || !image || !name_is_valid(name)) {
       log_error(NULL, "registry: skipping a row with a bad name or image");
       continue;
     }
     char derr[256];
-    struct disk *d = open_disk(r, name, image, gran, limit, false, derr, sizeof derr);
+    struct disk *d = open_disk(r, name, image, gran, limit, false, cache_quota, snapshot, derr,
+                               sizeof derr);
     if (!d) {
       log_error(name, "not served: %s (remove it with `ferry disk rm %s` or fix the image)",
                 derr, name);
@@ -600,7 +636,8 @@ struct registry *registry_open(const char *data_dir, const struct registry_optio
   pthread_mutex_init(&r->lock, NULL);
 
   if (take_dir_lock(r, err, errlen) < 0 || make_subdir(data_dir, "disks", err, errlen) < 0 ||
-      make_subdir(data_dir, "cbt", err, errlen) < 0 || open_db(r, err, errlen) < 0 ||
+      make_subdir(data_dir, "cbt", err, errlen) < 0 || make_subdir(data_dir, "cache", err, errlen) < 0 ||
+      make_subdir(data_dir, "snapshots", err, errlen) < 0 || open_db(r, err, errlen) < 0 ||
       load_disks(r, err, errlen) < 0) {
     registry_close(r);
     return NULL;
@@ -638,6 +675,13 @@ int registry_create(struct registry *r, const char *name, uint64_t size,
 int registry_create_ex(struct registry *r, const char *name, uint64_t size,
                        uint64_t cbt_granularity, const char *fence, char *err, size_t errlen)
 {
+  return registry_create_cached(r, name, size, cbt_granularity, fence, -1, err, errlen);
+}
+
+int registry_create_cached(struct registry *r, const char *name, uint64_t size,
+                           uint64_t cbt_granularity, const char *fence, int64_t cache_quota,
+                           char *err, size_t errlen)
+{
   int ret = check_name(name, err, errlen);
   if (ret < 0)
     return ret;
@@ -670,11 +714,13 @@ int registry_create_ex(struct registry *r, const char *name, uint64_t size,
   }
   if ((ret = create_image(image, size, err, errlen)) < 0)
     goto out;
-  if ((ret = db_insert(r, name, image, true, size, cbt_granularity, fence, err, errlen)) < 0) {
+  if ((ret = db_insert(r, name, image, true, size, cbt_granularity, fence, cache_quota, err,
+                       errlen)) < 0) {
     unlink_logged(image, name);
     goto out;
   }
-  struct disk *d = open_disk(r, name, image, cbt_granularity, 0, true, err, errlen);
+  struct disk *d = open_disk(r, name, image, cbt_granularity, 0, true, cache_quota, NULL, err,
+                             errlen);
   if (d && fence)
     disk_set_fence(d, fence);
   if (!d || insert_entry(r, name, true, d) < 0) {
@@ -756,12 +802,12 @@ int registry_add(struct registry *r, const char *name, const char *image_path,
       goto out;
     }
   }
-  struct disk *d = open_disk(r, name, image_path, cbt_granularity, 0, true, err, errlen);
+  struct disk *d = open_disk(r, name, image_path, cbt_granularity, 0, true, -1, NULL, err, errlen);
   if (!d) {
     ret = -EIO;
     goto out;
   }
-  if ((ret = db_insert(r, name, image_path, false, disk_size(d), cbt_granularity, NULL, err,
+  if ((ret = db_insert(r, name, image_path, false, disk_size(d), cbt_granularity, NULL, -1, err,
                        errlen)) < 0 ||
       (ret = insert_entry(r, name, false, d)) < 0) {
     if (ret == -ENOMEM) {
@@ -831,9 +877,13 @@ int registry_remove(struct registry *r, const char *name, bool force, char *err,
   if (e)
     d = take_entry(r, pos);
   char *cbt = cbt_path_for(r, name);
+  char *cache = cache_path_for(r, name);
   /* Files go under the lock so a create of the same name cannot race them. */
   if (cbt)
     unlink_logged(cbt, name);
+  if (cache && access(cache, F_OK) == 0)
+    unlink_logged(cache, name);
+  free(cache);
   if (owned)
     unlink_logged(image, name);
   pthread_mutex_unlock(&r->lock);
@@ -976,4 +1026,83 @@ void registry_sync_all(struct registry *r)
     disk_unref(v[i]);
   }
   free(v);
+}
+
+/* ---- cloud caches and restore points ---- */
+
+static int db_set_column(struct registry *r, const char *sql, const char *name, const char *text,
+                         int64_t num, bool null, const char *what, char *err, size_t errlen)
+{
+  sqlite3_stmt *st = db_prepare(r, sql, err, errlen);
+  if (!st)
+    return -EIO;
+  if (null)
+    sqlite3_bind_null(st, 1);
+  else if (text)
+    sqlite3_bind_text(st, 1, text, -1, SQLITE_STATIC);
+  else
+    sqlite3_bind_int64(st, 1, num);
+  sqlite3_bind_text(st, 2, name, -1, SQLITE_STATIC);
+  int ret = db_step_done(r, st, what, err, errlen);
+  sqlite3_finalize(st);
+  return ret;
+}
+
+int registry_drop_cache(struct registry *r, const char *name, char *err, size_t errlen)
+{
+  pthread_mutex_lock(&r->lock);
+  struct registry_entry *e = find_entry(r, name, NULL);
+  int ret = -ENOENT;
+  if (!e) {
+    set_err(err, errlen, "disk '%s' does not exist", name);
+    goto out;
+  }
+  /* The open disk keeps serving through its (complete) cache until it is
+   * next opened, as a plain image. */
+  ret = db_set_column(r, "UPDATE disks SET cache_quota = ?1 WHERE name = ?2", name, NULL, 0,
+                      true, "store the end of the cache", err, errlen);
+  if (ret == 0) {
+    char *cache = cache_path_for(r, name);
+    if (cache)
+      unlink_logged(cache, name);
+    free(cache);
+    log_info(name, "the cloud cache holds every region: the disk is a plain image from now on");
+  }
+out:
+  pthread_mutex_unlock(&r->lock);
+  return ret;
+}
+
+int registry_set_snapshot(struct registry *r, const char *name, const char *path, char *err,
+                          size_t errlen)
+{
+  pthread_mutex_lock(&r->lock);
+  struct registry_entry *e = find_entry(r, name, NULL);
+  int ret = -ENOENT;
+  if (!e) {
+    set_err(err, errlen, "disk '%s' does not exist", name);
+    goto out;
+  }
+  if (path) {
+    /* Made and attached before it is recorded: a row never names a
+     * restore point that does not exist. */
+    if ((ret = disk_attach_snapshot(e->disk, path, true, err, errlen)) < 0)
+      goto out;
+    ret = db_set_column(r, "UPDATE disks SET snapshot = ?1 WHERE name = ?2", name, path, 0,
+                        false, "store the restore point", err, errlen);
+    if (ret < 0) {
+      disk_detach_snapshot(e->disk, false);
+      snapshot_delete(path);
+    } else {
+      log_info(name, "restore point taken (%s)", path);
+    }
+  } else {
+    ret = db_set_column(r, "UPDATE disks SET snapshot = ?1 WHERE name = ?2", name, NULL, 0, true,
+                        "drop the restore point", err, errlen);
+    if (ret == 0)
+      disk_detach_snapshot(e->disk, true);
+  }
+out:
+  pthread_mutex_unlock(&r->lock);
+  return ret;
 }

@@ -8,6 +8,8 @@
  *   ferry.db            registry (table disks, schema in docs/formats.md)
  *   disks/NAME.img      images made by `ferry disk create` (owned: deleted by rm)
  *   cbt/NAME.cbt        dirty maps
+ *   cache/NAME.present  cloud caches' present maps (warm migration destinations)
+ *   snapshots/          restore points (warm migration sources; see snapshots.c)
  */
 #ifndef FERRY_REGISTRY_H
 #define FERRY_REGISTRY_H
@@ -40,6 +42,19 @@ int registry_create(struct registry *r, const char *name, uint64_t size,
  * created fenced with the reason given (an incoming migration's target). */
 int registry_create_ex(struct registry *r, const char *name, uint64_t size,
                        uint64_t cbt_granularity, const char *fence, char *err, size_t errlen);
+/* registry_create_ex for a warm migration's destination: the disk is a cloud
+ * cache (cache.h) with cache_quota bytes of local space (0: no limit; -1: not
+ * a cache, as registry_create_ex), nothing present yet. */
+int registry_create_cached(struct registry *r, const char *name, uint64_t size,
+                           uint64_t cbt_granularity, const char *fence, int64_t cache_quota,
+                           char *err, size_t errlen);
+/* The cache holds every region: from the next open the disk is a plain image
+ * (commit of a warm migration).  Removes the present map. */
+int registry_drop_cache(struct registry *r, const char *name, char *err, size_t errlen);
+/* Takes (path != NULL: created there, attached, recorded) or drops (NULL:
+ * detached, unrecorded; the caller deletes the files) a disk's restore point. */
+int registry_set_snapshot(struct registry *r, const char *name, const char *path, char *err,
+                          size_t errlen);
 int registry_add(struct registry *r, const char *name, const char *image_path,
                  uint64_t cbt_granularity, char *err, size_t errlen);
 /* Removes the disk from the registry and closes it; deletes its CBT map and,

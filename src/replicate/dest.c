@@ -604,9 +604,9 @@ static int apply_blob(struct session *s, const struct link_msg *lm, char *err, s
 
 /* ---- the session ---- */
 
-static struct migration *take_session(struct migrations *ms, struct link_conn *conn,
-                                      const struct proto_hello *h, const char *peer,
-                                      char *err, size_t errlen)
+struct migration *dest_take_session(struct migrations *ms, struct link_conn *conn,
+                                    const struct proto_hello *h, const char *peer,
+                                    char *err, size_t errlen)
 {
   struct migration *m = mig_find(ms, h->session);
   if (!m) {
@@ -630,7 +630,7 @@ static struct migration *take_session(struct migrations *ms, struct link_conn *c
   return m;
 }
 
-static void release_session(struct migration *m)
+void dest_release_session(struct migration *m)
 {
   pthread_mutex_lock(&m->lock);
   m->owner = NULL;
@@ -639,36 +639,55 @@ static void release_session(struct migration *m)
   pthread_mutex_unlock(&m->lock);
 }
 
-void dest_serve(struct migrations *ms, struct link_conn *conn, const struct link_msg *hello)
+json_t *dest_accept_hello(struct migrations *ms, struct link_conn *conn,
+                          const struct link_msg *hello, bool warm, struct proto_hello *h,
+                          char *peer, size_t peerlen)
 {
-  char err[512], peer[65] = "";
-  struct link_msg lm;
-  const struct migrations_shared *sh = NULL;
-  int r;
+  char err[512];
   json_t *j = proto_json_parse(hello->data, hello->len, err, sizeof err);
-  struct proto_hello h;
-  if (!j || proto_parse_hello(j, &h, err, sizeof err) < 0) {
+  if (!j || proto_parse_hello(j, h, err, sizeof err) < 0 ||
+      (warm != (strcmp(h->mode, "warm") == 0) &&
+       snprintf(err, sizeof err, "mode '%s' does not go with a %s", h->mode,
+                warm ? "WARM_HELLO" : "HELLO"))) {
     log_warn(NULL, "site link %s: bad HELLO: %s", link_conn_peer_address(conn), err);
     send_error(conn, err, true);
     json_decref(j);
     link_conn_close(conn);
-    return;
+    return NULL;
   }
-  json_decref(j);
-
   /* Who is calling is what the certificate says, not what the HELLO says. */
-  sh = migrations_shared(ms);
-  if (!site_trust(sh->site, link_conn_peer_fingerprint(conn), peer, sizeof peer) ||
-      strcmp(peer, h.source_site) != 0) {
+  const struct migrations_shared *sh = migrations_shared(ms);
+  peer[0] = '\0';
+  if (!site_trust(sh->site, link_conn_peer_fingerprint(conn), peer, peerlen) ||
+      strcmp(peer, h->source_site) != 0) {
     snprintf(err, sizeof err, "the HELLO names source site '%s' but the certificate is '%s'",
-             h.source_site, peer);
+             h->source_site, peer);
     log_warn(NULL, "site link %s: %s", link_conn_peer_address(conn), err);
     send_error(conn, err, true);
+    json_decref(j);
     link_conn_close(conn);
-    return;
+    return NULL;
   }
+  return j;
+}
 
-  struct migration *m = take_session(ms, conn, &h, peer, err, sizeof err);
+void dest_send_error(struct link_conn *conn, const char *msg, bool fatal)
+{
+  send_error(conn, msg, fatal);
+}
+
+void dest_serve(struct migrations *ms, struct link_conn *conn, const struct link_msg *hello)
+{
+  char err[512], peer[65] = "";
+  struct link_msg lm;
+  int r;
+  struct proto_hello h;
+  json_t *hj = dest_accept_hello(ms, conn, hello, false, &h, peer, sizeof peer);
+  if (!hj)
+    return;
+  json_decref(hj);
+
+  struct migration *m = dest_take_session(ms, conn, &h, peer, err, sizeof err);
   if (!m) {
     log_warn(h.vm, "migration %s: refused: %s", h.session, err);
     send_error(conn, err, true);
@@ -815,6 +834,6 @@ out:
   snprintf(m->prog.link_state, sizeof m->prog.link_state, "down");
   pthread_mutex_unlock(&m->lock);
   free(s.hashbuf);
-  release_session(m);
+  dest_release_session(m);
   link_conn_close(conn);
 }

@@ -21,6 +21,7 @@
 
 struct disk;
 struct link_conn;
+struct link_msg;
 
 #define MIG_ID_LEN 16
 #define WINDOW_MIN (4u * 1024 * 1024)      /* unacknowledged payload in flight: at least */
@@ -155,6 +156,16 @@ struct migration {
   uint8_t *blob;                   /* (T) VM state being received */
   uint64_t blob_total, blob_have;
   bool blob_ready;                 /* (T) checked and on disk */
+
+  /* warm (warm_source.c, warm_dest.c) */
+  struct proto_warm_params warm;   /* as asked (source) or received (destination) */
+  struct warm_src *wsrc;           /* source driver's state (T) */
+  struct warm_dst *wdst;           /* destination's state: lives as long as the migration */
+  json_t *warm_prog;               /* (L) figures: persisted in progress as "warm" */
+  char warm_cmd[16];               /* (L) operator's request: commit, back, back-rpo, rpo-now */
+  uint64_t warm_cmd_seq, warm_cmd_done_seq;   /* (L) request numbers, to wait for the answer */
+  int warm_cmd_result;             /* (L) 0 or -errno of the last request answered */
+  char warm_cmd_error[512];        /* (L) */
 };
 
 /* migration.c */
@@ -182,8 +193,31 @@ void mig_progress_from_json(struct migration *m, json_t *p);
 /* source.c */
 void *source_main(void *arg);
 
+/* warm_source.c / warm_dest.c */
+void *warm_source_main(void *arg);
+/* Serves a link connection whose first frame was WARM_HELLO. */
+void warm_dest_serve(struct migrations *ms, struct link_conn *conn, const struct link_msg *hello);
+int warm_dest_recover(struct migration *m);     /* at start */
+void warm_dest_close(struct migration *m);      /* stops and frees the destination's state */
+/* The figures of a warm migration for the API (caller holds m->lock). */
+json_t *warm_status_json_locked(struct migration *m);
+bool mig_terminal(const char *state);
+
 /* dest.c */
 struct link_msg;
+/* Parses and checks a (WARM_)HELLO and that the certificate is the site it
+ * names; the parsed JSON (the caller frees it), or NULL after an ERROR went
+ * out and the connection was closed. */
+json_t *dest_accept_hello(struct migrations *ms, struct link_conn *conn,
+                          const struct link_msg *hello, bool warm, struct proto_hello *h,
+                          char *peer, size_t peerlen);
+void dest_send_error(struct link_conn *conn, const char *msg, bool fatal);
+/* Finds or creates the session's migration and makes conn its owner (an
+ * older connection is shut down first); dest_release_session lets go. */
+struct migration *dest_take_session(struct migrations *ms, struct link_conn *conn,
+                                    const struct proto_hello *h, const char *peer,
+                                    char *err, size_t errlen);
+void dest_release_session(struct migration *m);
 /* Serves a link connection whose first frame (hello) was HELLO. */
 void dest_serve(struct migrations *ms, struct link_conn *conn, const struct link_msg *hello);
 int dest_recover(struct migration *m);     /* at start: reopen the session's disks */

@@ -28,6 +28,7 @@
 #include "link/link.h"
 #include "replicate/internal.h"
 #include "replicate/preflight.h"
+#include "replicate/snapshots.h"
 #include "replicate/tunnel.h"
 #include "site/site.h"
 #include "vm/vm.h"
@@ -88,7 +89,22 @@ void mig_dir(struct migration *m, char *buf, size_t len)
 static bool terminal(const char *state)
 {
   return strcmp(state, "completed") == 0 || strcmp(state, "cancelled") == 0 ||
-         strcmp(state, "failed") == 0;
+         strcmp(state, "failed") == 0 || strcmp(state, "committed") == 0 ||
+         strcmp(state, "returned") == 0 || strcmp(state, "recovered") == 0;
+}
+
+bool mig_terminal(const char *state) { return terminal(state); }
+
+static bool is_warm(const struct migration *m) { return strcmp(m->mode, "warm") == 0; }
+
+static json_t *warm_params_json(const struct migration *m)
+{
+  json_t *q = json_array();
+  for (unsigned i = 0; i < m->ndisks; i++)
+    json_array_append_new(q, json_integer((json_int_t)m->warm.quota[i]));
+  return json_pack("{s:I, s:o, s:s, s:I, s:I}", "rpo_s", (json_int_t)m->warm.rpo_s, "quota", q,
+                   "prefetch", m->warm.prefetch, "hydrate_bps", (json_int_t)m->warm.hydrate_bps,
+                   "degraded_after_s", (json_int_t)m->warm.degraded_after_s);
 }
 
 /* ---- documents ---- */
@@ -107,6 +123,8 @@ static json_t *params_json(struct migration *m)
                         "vm", vm, "disks", disks);
   if (m->preflight)
     json_object_set(j, "preflight", m->preflight);
+  if (is_warm(m))
+    json_object_set_new(j, "warm", warm_params_json(m));
   return j;
 }
 
@@ -158,6 +176,8 @@ json_t *mig_progress_json(struct migration *m)
   json_object_set_new(j, "ram", json_pack("{s:I, s:I}", "sent", (json_int_t)p->ram_bytes_sent,
                                           "left", (json_int_t)p->ram_bytes_left));
   json_object_set_new(j, "disks", disks);
+  if (m->warm_prog)
+    json_object_set(j, "warm", m->warm_prog);
   return j;
 }
 
@@ -196,6 +216,10 @@ void mig_progress_from_json(struct migration *m, json_t *j)
   p->ram_bytes_left = ju(json_object_get(j, "ram"), "left");
   const char *s = json_string_value(json_object_get(j, "phase"));
   snprintf(p->phase, sizeof p->phase, "%s", s ? s : "");
+  if (json_is_object(json_object_get(j, "warm"))) {
+    json_decref(m->warm_prog);
+    m->warm_prog = json_deep_copy(json_object_get(j, "warm"));
+  }
   json_t *disks = json_object_get(j, "disks");
   for (unsigned i = 0; i < m->ndisks && i < json_array_size(disks); i++) {
     json_t *d = json_array_get(disks, i);
@@ -215,6 +239,8 @@ static json_t *doc_locked(struct migration *m)
   json_object_set_new(j, "error", m->error[0] ? json_string(m->error) : json_null());
   json_object_set_new(j, "params", params_json(m));
   json_object_set_new(j, "progress", mig_progress_json(m));
+  if (is_warm(m))
+    json_object_set_new(j, "warm", warm_status_json_locked(m));
   return j;
 }
 
@@ -367,6 +393,7 @@ static void mig_free(struct migration *m)
   free(m->ring);
   json_decref(m->reply);
   json_decref(m->preflight);
+  json_decref(m->warm_prog);
   free(m->hashes);
   free(m->blob);
   throttle_destroy(&m->rate);
@@ -470,6 +497,10 @@ static void load_row(struct migrations *ms, sqlite3_stmt *st)
   }
   mig_progress_from_json(m, prog);
   m->wire_base = m->prog.wire_bytes_sent;
+  char werr[256];
+  if (is_warm(m) && proto_parse_warm_params(json_object_get(params, "warm"), m->ndisks, &m->warm,
+                                            werr, sizeof werr) < 0)
+    log_error(m->vm, "migration %s: its warm parameters are damaged: %s", m->id, werr);
   json_decref(params);
   json_decref(prog);
   if (!proto_id_is_valid(m->id) || list_add(ms, m) < 0) {
@@ -513,14 +544,14 @@ struct migrations *migrations_open(const struct migration_deps *deps, char *err,
   for (size_t i = 0; i < ms->n; i++) {
     struct migration *m = ms->list[i];
     if (strcmp(m->role, "destination") == 0 && !terminal(m->state))
-      dest_recover(m);
+      is_warm(m) ? warm_dest_recover(m) : dest_recover(m);
   }
   return ms;
 }
 
 static int start_thread(struct migration *m)
 {
-  if (pthread_create(&m->thread, NULL, source_main, m) != 0)
+  if (pthread_create(&m->thread, NULL, is_warm(m) ? warm_source_main : source_main, m) != 0)
     return -EAGAIN;
   m->thread_started = true;
   return 0;
@@ -571,6 +602,7 @@ void migrations_close(struct migrations *ms)
     struct migration *m = ms->list[i];
     if (m->thread_started)
       pthread_join(m->thread, NULL);
+    warm_dest_close(m);
   }
   for (size_t i = 0; i < ms->n; i++)
     mig_free(ms->list[i]);
@@ -587,8 +619,20 @@ int migrations_start(struct migrations *ms, const struct migrate_request *req, c
   if (preflight)
     *preflight = NULL;
   id_out[0] = '\0';
-  if (strcmp(req->mode, "live") != 0 && strcmp(req->mode, "cold") != 0) {
-    set_err(err, errlen, "mode '%.20s' is not supported (live, cold)", req->mode);
+  if (strcmp(req->mode, "live") != 0 && strcmp(req->mode, "cold") != 0 &&
+      strcmp(req->mode, "warm") != 0) {
+    set_err(err, errlen, "mode '%.20s' is not supported (live, warm, cold)", req->mode);
+    return -EINVAL;
+  }
+  bool warm = strcmp(req->mode, "warm") == 0;
+  if (warm && req->rpo_s && (req->rpo_s < 1 || req->rpo_s > 86400)) {
+    set_err(err, errlen, "RPO of %llu s is not between 1 s and 24 h",
+            (unsigned long long)req->rpo_s);
+    return -EINVAL;
+  }
+  if (warm && req->prefetch[0] && strcmp(req->prefetch, "hot") != 0 &&
+      strcmp(req->prefetch, "none") != 0) {
+    set_err(err, errlen, "prefetch '%.20s' is not hot or none", req->prefetch);
     return -EINVAL;
   }
   if (req->max_downtime_ms > 3600 * 1000) {
@@ -609,17 +653,23 @@ int migrations_start(struct migrations *ms, const struct migrate_request *req, c
     return r;
   char vstate[16];
   vm_state(ms->sh.vms, req->vm, vstate, sizeof vstate);
-  bool live = strcmp(req->mode, "live") == 0;
+  bool live = strcmp(req->mode, "live") == 0 || warm;
   if (live ? strcmp(vstate, "running") != 0 && strcmp(vstate, "paused") != 0
            : strcmp(vstate, "migrated") == 0) {
     set_err(err, errlen, "VM '%s' is %s: %s", req->vm, vstate,
-            live ? "live migration moves a running VM" : "it lives at another site now");
+            live ? "live and warm migration move a running VM" : "it lives at another site now");
     return -EBUSY;
+  }
+  if (warm && strcmp(spec.driver, "sim") != 0) {
+    set_err(err, errlen, "warm migration of a %s VM is not supported yet (sim VMs only); use "
+            "--mode live", spec.driver);
+    return -EOPNOTSUPP;
   }
 
   /* Prepare to migrate: everything is checked before anything changes. */
   json_t *checks = NULL;
-  r = preflight_run(&ms->sh, &peer, req->mode, &spec, &req->networks, &checks, err, errlen);
+  r = preflight_run(&ms->sh, &peer, warm ? "live" : req->mode, &spec, &req->networks, &checks,
+                    err, errlen);
   if (preflight)
     *preflight = json_incref(checks);
   if (r < 0 || req->preflight_only) {
@@ -658,6 +708,13 @@ int migrations_start(struct migrations *ms, const struct migrate_request *req, c
       mig_free(m);
       return -ENOENT;
     }
+    if (warm && disk_cbt_granularity(d) > (UINT64_C(1) << 20)) {
+      set_err(err, errlen, "disk '%s': a dirty-map granularity above 1 MiB is not supported "
+              "for warm migration", spec.disks[i]);
+      disk_unref(d);
+      mig_free(m);
+      return -EINVAL;
+    }
     if (!disk_cbt_enabled(d) || disk_fenced(d)) {
       set_err(err, errlen, "disk '%s' %s", spec.disks[i],
               disk_fenced(d) ? "is fenced: this site is not authoritative for it"
@@ -671,7 +728,23 @@ int migrations_start(struct migrations *ms, const struct migrate_request *req, c
     md->size = disk_size(d);
     md->gran = disk_cbt_granularity(d);
     md->nregions = DIV_ROUND_UP(md->size, md->gran);
+    if (warm) {
+      /* The seeds' rule until the I/O analyzer can say better: 15% of the
+       * disk, at least 3 GiB, never more than the disk. */
+      uint64_t q = req->cache_size;
+      if (!q)
+        q = MIN(md->size, MAX(md->size / 100 * 15, UINT64_C(3) << 30));
+      m->warm.quota[i] = MIN(q, md->size);
+    }
     disk_unref(d);
+  }
+  if (warm) {
+    m->warm.rpo_s = req->rpo_s ? req->rpo_s : DEFAULT_RPO_S;
+    snprintf(m->warm.prefetch, sizeof m->warm.prefetch, "%s",
+             req->prefetch[0] ? req->prefetch : "hot");
+    m->warm.hydrate_bps = req->hydrate_set ? req->hydrate_bps : DEFAULT_HYDRATE_BPS;
+    m->warm.degraded_after_s = req->degraded_after_s ? req->degraded_after_s
+                                                     : DEFAULT_DEGRADED_AFTER_S;
   }
   if ((r = vm_claim(ms->sh.vms, req->vm, m->id, err, errlen)) < 0) {
     mig_free(m);
@@ -710,6 +783,11 @@ int migrations_cancel(struct migrations *ms, const char *id, char *err, size_t e
   int r = 0;
   if (terminal(m->state)) {
     set_err(err, errlen, "migration %s is already %s", id, m->state);
+    r = -EBUSY;
+  } else if (strcmp(m->mode, "warm") == 0 && strcmp(m->state, "starting") != 0 &&
+             strcmp(m->state, "receiving") != 0) {
+    set_err(err, errlen, "migration %s is %s: the VM runs, or is being started, at the "
+            "destination; end it with ferry commit or ferry migrate-back", id, m->state);
     r = -EBUSY;
   } else if (strcmp(m->state, "committing") == 0 || strcmp(m->state, "active") == 0 ||
              strcmp(m->state, "activating") == 0) {
@@ -775,6 +853,99 @@ int migrations_set_rate_limit(struct migrations *ms, const char *id, uint64_t bp
            (unsigned long long)bps, bps ? "" : " (off)");
   mig_persist(m);
   return 0;
+}
+
+int migrations_warm_command(struct migrations *ms, const char *id, const char *cmd,
+                            unsigned wait_s, char *err, size_t errlen)
+{
+  static const char *const cmds[] = { "commit", "back", "back-rpo", "rpo-now" };
+  bool known = false;
+  for (size_t i = 0; i < ARRAY_SIZE(cmds); i++)
+    known |= strcmp(cmd, cmds[i]) == 0;
+  if (!known) {
+    set_err(err, errlen, "unknown warm migration command '%.20s'", cmd);
+    return -EINVAL;
+  }
+  /* By id, or the VM's newest warm migration that is not over. */
+  struct migration *m = mig_find(ms, id);
+  if (!m) {
+    pthread_mutex_lock(&ms->lock);
+    for (size_t i = ms->n; i-- > 0;) {
+      struct migration *x = ms->list[i];
+      if (strcmp(x->vm, id) == 0 && is_warm(x) && !terminal(x->state) &&
+          strcmp(x->role, "source") == 0) {
+        m = x;
+        break;
+      }
+    }
+    pthread_mutex_unlock(&ms->lock);
+  }
+  if (!m) {
+    set_err(err, errlen, "no warm migration of VM or id '%.65s' is going on at this site", id);
+    return -ENOENT;
+  }
+  if (strcmp(m->role, "source") != 0 || !is_warm(m)) {
+    set_err(err, errlen, "migration %s is not a warm migration started at this site (%s, %s)%s",
+            m->id, m->mode, m->role,
+            strcmp(m->role, "destination") == 0 ? ": run the command at the source site" : "");
+    return -EINVAL;
+  }
+  pthread_mutex_lock(&m->lock);
+  int r = 0;
+  if (terminal(m->state)) {
+    set_err(err, errlen, "migration %s is already %s", m->id, m->state);
+    r = -EBUSY;
+  } else if (strcmp(cmd, "back-rpo") != 0 && strcmp(m->state, "warm") != 0) {
+    set_err(err, errlen, "migration %s is %s: %s needs the VM running at the destination "
+            "(state warm)", m->id, m->state, cmd);
+    r = -EBUSY;
+  } else if (m->warm_cmd[0]) {
+    set_err(err, errlen, "migration %s is busy with '%s'", m->id, m->warm_cmd);
+    r = -EBUSY;
+  }
+  if (r < 0) {
+    pthread_mutex_unlock(&m->lock);
+    return r;
+  }
+  snprintf(m->warm_cmd, sizeof m->warm_cmd, "%s", cmd);
+  uint64_t seq = ++m->warm_cmd_seq;
+  pthread_cond_broadcast(&m->cond);
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  ts.tv_sec += wait_s;
+  while (m->warm_cmd_done_seq < seq)
+    if (pthread_cond_timedwait(&m->cond, &m->lock, &ts) != 0)
+      break;
+  if (m->warm_cmd_done_seq < seq) {
+    set_err(err, errlen, "migration %s: '%s' is still going on after %u s (see ferry migration "
+            "show %s)", m->id, cmd, wait_s, m->id);
+    r = -EINPROGRESS;
+  } else if ((r = m->warm_cmd_result) < 0) {
+    set_err(err, errlen, "%s", m->warm_cmd_error);
+  }
+  pthread_mutex_unlock(&m->lock);
+  return r;
+}
+
+json_t *migrations_snapshots_json(struct migrations *ms)
+{
+  return snapshots_list_json(&ms->sh);
+}
+
+int migrations_snapshot_op(struct migrations *ms, const char *vm, bool restore, char *err,
+                           size_t errlen)
+{
+  bool active = false;
+  pthread_mutex_lock(&ms->lock);
+  for (size_t i = 0; i < ms->n; i++) {
+    struct migration *x = ms->list[i];
+    pthread_mutex_lock(&x->lock);
+    active |= strcmp(x->vm, vm) == 0 && !terminal(x->state);
+    pthread_mutex_unlock(&x->lock);
+  }
+  pthread_mutex_unlock(&ms->lock);
+  return restore ? snapshots_restore(&ms->sh, vm, active, err, errlen)
+                 : snapshots_remove(&ms->sh, vm, active, err, errlen);
 }
 
 json_t *migrations_list_json(struct migrations *ms)
@@ -868,6 +1039,9 @@ void migrations_serve_conn(void *opaque, struct link_conn *conn)
     return;
   case MSG_QUERY:
     preflight_serve_dest(opaque, conn, lm.data, lm.len);
+    return;
+  case MSG_WARM_HELLO:
+    warm_dest_serve(opaque, conn, &lm);
     return;
   default:
     log_warn(NULL, "site link %s: a connection may not start with %s",

@@ -12,6 +12,9 @@
  *                 keeps running here, the destination is cleaned up)
  *   destination:  receiving -> activating -> active -> completed
  *                 receiving -> cancelled (disks removed)
+ *   warm source:  starting -> activating -> warm -> committed | returning -> returned
+ *                 | recovered (back to the last RPO point); failed before the VM ran there
+ *   warm dest.:   receiving -> warm -> committed | returned
  *
  * Every migration is a row in ferry.db (module "migration"):
  *   migrations(id TEXT PRIMARY KEY, role TEXT, vm TEXT, peer TEXT, mode TEXT,
@@ -75,7 +78,25 @@ struct migrate_request {
   bool verify_full;            /* hash every region during the cutover pause */
   struct network_map networks;
   bool preflight_only;         /* run the checks, start nothing */
+  /* warm */
+  uint64_t rpo_s;              /* write-back interval, 0: DEFAULT_RPO_S */
+  uint64_t cache_size;         /* cache space per disk, 0: 15% of it, >= 3 GiB, <= the disk */
+  char prefetch[8];            /* "hot" (default) | "none" */
+  uint64_t hydrate_bps;        /* background hydration rate ... */
+  bool hydrate_set;            /* ... when given (0 = off); else DEFAULT_HYDRATE_BPS */
+  uint64_t degraded_after_s;   /* 0: DEFAULT_DEGRADED_AFTER_S */
 };
+#define DEFAULT_RPO_S (20 * 60)                     /* the seeds' RPO */
+#define DEFAULT_DEGRADED_AFTER_S (5 * 60)           /* link or misses stuck this long */
+#define DEFAULT_HYDRATE_BPS (UINT64_C(64) << 20)    /* background hydration, bytes/s */
+
+/* Warm migrations, at the source: commit (the destination becomes the only
+ * copy), back (Try Before Commit: the VM comes back with every write),
+ * back-rpo (the destination is gone: the VM restarts here from the last RPO
+ * point), rpo-now (a write-back point at once).  Waits up to wait_s for the
+ * answer.  id may be a migration id or the VM's name. */
+int migrations_warm_command(struct migrations *ms, const char *id, const char *cmd,
+                            unsigned wait_s, char *err, size_t errlen);
 
 /* Runs the pre-flight checks (preflight.c), then starts the migration.
  * *preflight (may be NULL) gets the list of checks whenever they ran.
@@ -88,6 +109,13 @@ int migrations_start(struct migrations *ms, const struct migrate_request *req, c
 int migrations_cancel(struct migrations *ms, const char *id, char *err, size_t errlen);
 int migrations_set_rate_limit(struct migrations *ms, const char *id, uint64_t bps, char *err,
                               size_t errlen);
+/* Restore points kept at this site (snapshots.c). */
+json_t *migrations_snapshots_json(struct migrations *ms);
+/* restore: roll VM back to its restore point (data written since is lost);
+ * else remove the restore point.  Refused while a warm migration of the VM
+ * is not over. */
+int migrations_snapshot_op(struct migrations *ms, const char *vm, bool restore, char *err,
+                           size_t errlen);
 json_t *migrations_list_json(struct migrations *ms);
 json_t *migration_json(struct migrations *ms, const char *id, char *err, size_t errlen);
 

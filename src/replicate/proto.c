@@ -34,7 +34,8 @@ const char *proto_type_name(unsigned type)
   static const char *const names[] = { "?", "HELLO", "HELLO_OK", "DATA", "CTRL", "REPLY", "ACK",
                                        "NACK", "PING", "PONG", "BLOB", "HASHES", "ERROR",
                                        "TUNNEL_OPEN", "TUNNEL_DATA", "TUNNEL_EOF", "QUERY",
-                                       "QUERY_REPLY" };
+                                       "QUERY_REPLY", "WARM_HELLO", "WARM_REQ", "WARM_REPLY",
+                                       "WARM_FETCH", "WARM_FILL", "WARM_MAP", "WARM_WB" };
   return type < ARRAY_SIZE(names) ? names[type] : "?";
 }
 
@@ -359,8 +360,8 @@ int proto_parse_hello(json_t *j, struct proto_hello *out, char *err, size_t errl
   /* "mode" came with cold migration; a HELLO without it is live. */
   json_t *mode = json_object_get(j, "mode");
   const char *ms = mode ? json_string_value(mode) : "live";
-  if (!ms || (strcmp(ms, "live") != 0 && strcmp(ms, "cold") != 0)) {
-    set_err(err, errlen, "'mode' must be \"live\" or \"cold\"");
+  if (!ms || (strcmp(ms, "live") != 0 && strcmp(ms, "cold") != 0 && strcmp(ms, "warm") != 0)) {
+    set_err(err, errlen, "'mode' must be \"live\", \"cold\" or \"warm\"");
     return -EPROTO;
   }
   snprintf(out->mode, sizeof out->mode, "%s", ms);
@@ -393,5 +394,179 @@ int proto_parse_hello(json_t *j, struct proto_hello *out, char *err, size_t errl
       }
   }
   out->ndisks = (unsigned)json_array_size(disks);
+  return 0;
+}
+
+/* ---- warm sessions ---- */
+
+void proto_fetch_encode(const struct proto_fetch *f, uint8_t out[WARM_FETCH_SIZE])
+{
+  put32(out, f->disk);
+  put32(out + 4, f->count);
+  put64(out + 8, f->first);
+}
+
+int proto_fetch_parse(const void *payload, uint32_t len, struct proto_fetch *out, char *err,
+                      size_t errlen)
+{
+  const uint8_t *p = payload;
+  if (len != WARM_FETCH_SIZE) {
+    set_err(err, errlen, "FETCH of %u bytes, not %d", len, WARM_FETCH_SIZE);
+    return -EPROTO;
+  }
+  out->disk = get32(p);
+  out->count = get32(p + 4);
+  out->first = get64(p + 8);
+  if (out->disk >= PROTO_MAX_DISKS || out->count == 0 || out->count > WARM_MAX_FETCH) {
+    set_err(err, errlen, "FETCH of disk %u, %u regions: out of bounds", out->disk, out->count);
+    return -EPROTO;
+  }
+  return 0;
+}
+
+void proto_fill_encode_header(const struct proto_fill *f, uint8_t out[WARM_FILL_HEADER])
+{
+  put32(out, f->disk);
+  put32(out + 4, f->count);
+  put64(out + 8, f->first);
+  put32(out + 16, f->kind);
+  put32(out + 20, f->error);
+}
+
+int proto_fill_parse(const void *payload, uint32_t len, struct proto_fill *out, char *err,
+                     size_t errlen)
+{
+  const uint8_t *p = payload;
+  if (len < WARM_FILL_HEADER) {
+    set_err(err, errlen, "FILL of %u bytes: shorter than its header", len);
+    return -EPROTO;
+  }
+  out->disk = get32(p);
+  out->count = get32(p + 4);
+  out->first = get64(p + 8);
+  out->kind = get32(p + 16);
+  out->error = get32(p + 20);
+  out->len = len - WARM_FILL_HEADER;
+  out->bytes = p + WARM_FILL_HEADER;
+  if (out->disk >= PROTO_MAX_DISKS || out->count == 0 || out->count > WARM_MAX_FETCH) {
+    set_err(err, errlen, "FILL of disk %u, %u regions: out of bounds", out->disk, out->count);
+    return -EPROTO;
+  }
+  if (out->kind < WARM_FILL_DATA || out->kind > WARM_FILL_ERROR) {
+    set_err(err, errlen, "FILL of unknown kind %u", out->kind);
+    return -EPROTO;
+  }
+  if (out->kind != WARM_FILL_DATA && out->len) {
+    set_err(err, errlen, "FILL of kind %u carries %u bytes", out->kind, out->len);
+    return -EPROTO;
+  }
+  if (out->kind == WARM_FILL_DATA && out->len == 0) {
+    set_err(err, errlen, "FILL of data without data");
+    return -EPROTO;
+  }
+  if (out->kind == WARM_FILL_ERROR && (out->error == 0 || out->error > 4095)) {
+    set_err(err, errlen, "FILL error %u is not an errno", out->error);
+    return -EPROTO;
+  }
+  return 0;
+}
+
+void proto_map_encode_header(const struct proto_map *m, uint8_t out[WARM_MAP_HEADER])
+{
+  put32(out, m->disk);
+  put32(out + 4, m->kind);
+  put64(out + 8, m->index);
+}
+
+int proto_map_parse(const void *payload, uint32_t len, struct proto_map *out, char *err,
+                    size_t errlen)
+{
+  const uint8_t *p = payload;
+  if (len < WARM_MAP_HEADER || (len - WARM_MAP_HEADER) % 8 ||
+      (len - WARM_MAP_HEADER) / 8 > WARM_MAP_MAX_VALUES) {
+    set_err(err, errlen, "MAP of %u bytes: not a header and up to %d u64 values", len,
+            WARM_MAP_MAX_VALUES);
+    return -EPROTO;
+  }
+  out->disk = get32(p);
+  out->kind = get32(p + 4);
+  out->index = get64(p + 8);
+  out->values = p + WARM_MAP_HEADER;
+  out->count = (len - WARM_MAP_HEADER) / 8;
+  if (out->disk >= PROTO_MAX_DISKS || (out->kind != WARM_MAP_HOLES && out->kind != WARM_MAP_HOT)) {
+    set_err(err, errlen, "MAP of disk %u, kind %u: out of bounds", out->disk, out->kind);
+    return -EPROTO;
+  }
+  if (out->index > (UINT64_C(1) << 40)) {
+    set_err(err, errlen, "MAP index %llu is out of bounds", (unsigned long long)out->index);
+    return -EPROTO;
+  }
+  return 0;
+}
+
+uint64_t proto_map_value(const struct proto_map *m, uint32_t i) { return get64(m->values + 8 * (size_t)i); }
+
+void proto_wb_encode_header(uint64_t point, uint64_t offset, uint8_t out[WARM_WB_HEADER])
+{
+  put64(out, point);
+  put64(out + 8, offset);
+}
+
+int proto_wb_parse(const void *payload, uint32_t len, struct proto_wb *out, char *err,
+                   size_t errlen)
+{
+  const uint8_t *p = payload;
+  if (len <= WARM_WB_HEADER) {
+    set_err(err, errlen, "WB of %u bytes: no data after the header", len);
+    return -EPROTO;
+  }
+  out->point = get64(p);
+  out->offset = get64(p + 8);
+  out->bytes = p + WARM_WB_HEADER;
+  out->len = len - WARM_WB_HEADER;
+  if (out->point == 0 || out->offset > (UINT64_C(1) << 44)) {
+    set_err(err, errlen, "WB of point %llu at %llu: out of bounds",
+            (unsigned long long)out->point, (unsigned long long)out->offset);
+    return -EPROTO;
+  }
+  return 0;
+}
+
+int proto_parse_warm_params(json_t *j, unsigned ndisks, struct proto_warm_params *out,
+                            char *err, size_t errlen)
+{
+  memset(out, 0, sizeof *out);
+  if (!json_is_object(j)) {
+    set_err(err, errlen, "'warm' must be an object");
+    return -EPROTO;
+  }
+  if (!get_uint(j, "rpo_s", 86400, &out->rpo_s, err, errlen) ||
+      !get_uint(j, "hydrate_bps", UINT64_C(1) << 40, &out->hydrate_bps, err, errlen) ||
+      !get_uint(j, "degraded_after_s", 86400, &out->degraded_after_s, err, errlen))
+    return -EPROTO;
+  if (out->rpo_s < 1 || out->degraded_after_s < 1) {
+    set_err(err, errlen, "'rpo_s' and 'degraded_after_s' must be at least 1");
+    return -EPROTO;
+  }
+  const char *pf = json_string_value(json_object_get(j, "prefetch"));
+  if (!pf || (strcmp(pf, "hot") != 0 && strcmp(pf, "none") != 0)) {
+    set_err(err, errlen, "'prefetch' must be \"hot\" or \"none\"");
+    return -EPROTO;
+  }
+  snprintf(out->prefetch, sizeof out->prefetch, "%s", pf);
+  json_t *q = json_object_get(j, "quota");
+  if (!json_is_array(q) || json_array_size(q) != ndisks) {
+    set_err(err, errlen, "'quota' must have one size per disk");
+    return -EPROTO;
+  }
+  for (unsigned i = 0; i < ndisks; i++) {
+    json_t *v = json_array_get(q, i);
+    if (!json_is_integer(v) || json_integer_value(v) < 0 ||
+        (uint64_t)json_integer_value(v) > MAX_DISK_SIZE) {
+      set_err(err, errlen, "'quota' %u is not a size", i);
+      return -EPROTO;
+    }
+    out->quota[i] = (uint64_t)json_integer_value(v);
+  }
   return 0;
 }

@@ -36,6 +36,21 @@
  *                        nothing (preflight.c); answered by
  *   QUERY_REPLY 17 d->s  JSON, then the connection closes
  *
+ * A warm migration's session (warm_source.c, warm_dest.c; docs/protocol.md)
+ * starts with WARM_HELLO and uses only unsequenced frames: every request is
+ * idempotent and asked again after a reconnect.
+ *   WARM_HELLO  18 s->d  HELLO's JSON with "mode":"warm" and "warm":{rpo_s, quota:[..],
+ *                        prefetch, hydrate_bps, degraded_after_s}; answered by WARM_REPLY req 0
+ *   WARM_REQ    19 both  JSON {"op":..., "req":N, ...}; req 0 wants no answer
+ *   WARM_REPLY  20 both  JSON {"req":N, "ok":bool, "error":"...", ...}
+ *   WARM_FETCH  21 d->s  u32 disk, u32 count, u64 first region: a cache miss or hydration
+ *   WARM_FILL   22 s->d  u32 disk, u32 count, u64 first region, u32 kind (1 data, 2 zero,
+ *                        3 error), u32 errno; data: the regions' bytes clipped at the disk end
+ *   WARM_MAP    23 s->d  u32 disk, u32 kind (1 holes: bitmap words from u64 index; 2 hot:
+ *                        region numbers from position u64 index), u64 index, u64 values
+ *   WARM_WB     24 d->s  u64 point, u64 offset, bytes of that point's journal file
+ *   (BLOB       10 s->d  the VM state, as in live migration, unsequenced here)
+ *
  * DATA header (24 bytes, little endian): u32 disk index, u8 kind (1 data,
  * 2 zero), u8 flags (DATA_F_BACKGROUND: sent by the background cursor, so
  * the destination's background high-water mark moves to its end), u16 0,
@@ -74,6 +89,13 @@ enum proto_type {
   MSG_TUNNEL_EOF = 15,
   MSG_QUERY = 16,
   MSG_QUERY_REPLY = 17,
+  MSG_WARM_HELLO = 18,
+  MSG_WARM_REQ = 19,
+  MSG_WARM_REPLY = 20,
+  MSG_WARM_FETCH = 21,
+  MSG_WARM_FILL = 22,
+  MSG_WARM_MAP = 23,
+  MSG_WARM_WB = 24,
 };
 const char *proto_type_name(unsigned type);
 /* True for the source's frames that carry a sequence number. */
@@ -163,13 +185,74 @@ struct proto_hello_disk {
 };
 struct proto_hello {
   char session[48];
-  char mode[8];                    /* "live" (default) | "cold" */
+  char mode[8];                    /* "live" (default) | "cold" | "warm" */
   char vm[65];
   char source_site[65];
   unsigned ndisks;
   struct proto_hello_disk disks[PROTO_MAX_DISKS];
 };
 int proto_parse_hello(json_t *j, struct proto_hello *out, char *err, size_t errlen);
+
+/* ---- warm sessions ---- */
+#define WARM_MAX_FETCH 16            /* regions per FETCH (= CACHE_MAX_FETCH_REGIONS) */
+#define WARM_FETCH_SIZE 16
+#define WARM_FILL_HEADER 24
+#define WARM_FILL_DATA 1
+#define WARM_FILL_ZERO 2
+#define WARM_FILL_ERROR 3
+#define WARM_MAP_HEADER 16
+#define WARM_MAP_HOLES 1
+#define WARM_MAP_HOT 2
+#define WARM_MAP_MAX_VALUES 8192     /* u64 values per MAP frame */
+#define WARM_WB_HEADER 16
+struct proto_fetch {
+  uint32_t disk, count;
+  uint64_t first;
+};
+void proto_fetch_encode(const struct proto_fetch *f, uint8_t out[WARM_FETCH_SIZE]);
+/* count 1..WARM_MAX_FETCH; disk < PROTO_MAX_DISKS.  The caller checks the range. */
+int proto_fetch_parse(const void *payload, uint32_t len, struct proto_fetch *out, char *err,
+                      size_t errlen);
+struct proto_fill {
+  uint32_t disk, count;
+  uint64_t first;
+  uint32_t kind, error;
+  const void *bytes;                 /* WARM_FILL_DATA: len bytes inside the payload */
+  uint32_t len;
+};
+void proto_fill_encode_header(const struct proto_fill *f, uint8_t out[WARM_FILL_HEADER]);
+/* Checks the header; data only with kind DATA (the caller checks its length
+ * against the regions' clipped size), none otherwise. */
+int proto_fill_parse(const void *payload, uint32_t len, struct proto_fill *out, char *err,
+                     size_t errlen);
+struct proto_map {
+  uint32_t disk, kind;
+  uint64_t index;
+  const uint8_t *values;             /* count little-endian u64 */
+  uint32_t count;
+};
+void proto_map_encode_header(const struct proto_map *m, uint8_t out[WARM_MAP_HEADER]);
+int proto_map_parse(const void *payload, uint32_t len, struct proto_map *out, char *err,
+                    size_t errlen);
+uint64_t proto_map_value(const struct proto_map *m, uint32_t i);
+struct proto_wb {
+  uint64_t point, offset;
+  const void *bytes;
+  uint32_t len;
+};
+void proto_wb_encode_header(uint64_t point, uint64_t offset, uint8_t out[WARM_WB_HEADER]);
+int proto_wb_parse(const void *payload, uint32_t len, struct proto_wb *out, char *err,
+                   size_t errlen);
+/* The "warm" object of a WARM_HELLO, checked. */
+struct proto_warm_params {
+  uint64_t rpo_s;                    /* 1..86400 */
+  uint64_t quota[PROTO_MAX_DISKS];   /* bytes of cache per disk (0: the disk's size) */
+  char prefetch[8];                  /* "hot" | "none" */
+  uint64_t hydrate_bps;              /* 0 = no background hydration */
+  uint64_t degraded_after_s;         /* 1..86400 */
+};
+int proto_parse_warm_params(json_t *j, unsigned ndisks, struct proto_warm_params *out,
+                            char *err, size_t errlen);
 
 /* Migration ids: "m-" + 12 lowercase hex digits. */
 bool proto_id_is_valid(const char *s);

@@ -1240,6 +1240,43 @@ out:
   return r;
 }
 
+int vm_restore_state(struct vm_manager *m, const char *name, const void *state, size_t len,
+                     char *err, size_t errlen)
+{
+  pthread_mutex_lock(&m->lock);
+  int r = 0;
+  struct vm_entry *e = lookup(m, name, &r, err, errlen);
+  if (!e)
+    goto out;
+  if (e->claim[0]) {
+    set_err(err, errlen, "VM '%s' is being migrated (migration %s)", name, e->claim);
+    r = -EBUSY;
+    goto out;
+  }
+  if (strcmp(e->state, "stopped") != 0 && strcmp(e->state, "migrated") != 0) {
+    set_err(err, errlen, "VM '%s' is %s here: stop it first (ferry vm stop %s)", name, e->state,
+            name);
+    r = -EBUSY;
+    goto out;
+  }
+  e = acquire(m, name);
+  struct runtime_buf b;
+  runtime_fill(m, e, &b);
+  bool state_file = driver_for(b.spec.driver)->has_state_file;
+  pthread_mutex_unlock(&m->lock);
+  r = state_file && write_file_atomic(b.state, state, len, 0640, err, errlen) < 0 ? -EIO : 0;
+  pthread_mutex_lock(&m->lock);
+  e = find(m, name);
+  if (e && r == 0) {
+    e->moved_to[0] = '\0';
+    set_state(m, e, "stopped", 0);
+  }
+  release_busy(m, name);
+out:
+  pthread_mutex_unlock(&m->lock);
+  return r;
+}
+
 /* ---- hypervisors ---- */
 
 int vm_hypervisor_probe(struct vm_manager *m, const char *driver, bool refresh, json_t **out,

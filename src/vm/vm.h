@@ -193,6 +193,12 @@ int vm_import_and_start(struct vm_manager *m, const struct vm_spec *spec, const 
 int vm_mark_migrated(struct vm_manager *m, const char *name, const char *to, char *err,
                      size_t errlen);
 
+/* A restore point rolls the VM back: the VM (stopped, or migrated away from
+ * here, and not claimed) gets this state ("RAM", sim) and is stopped here,
+ * startable.  Drivers without a state file just become stopped. */
+int vm_restore_state(struct vm_manager *m, const char *name, const void *state, size_t len,
+                     char *err, size_t errlen);
+
 /* ---- live migration of a qemu VM's RAM (sim: -EOPNOTSUPP) ----
  * Called by the migration engine, which holds the VM (no claim check).
  *

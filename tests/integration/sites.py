@@ -25,7 +25,7 @@ import pytest
 from conftest import BUILD, run
 
 FERRY_SIMVM = BUILD / "ferry-simvm"
-TERMINAL = ("completed", "cancelled", "failed")
+TERMINAL = ("completed", "cancelled", "failed", "committed", "returned", "recovered")
 
 
 class Site:

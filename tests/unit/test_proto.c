@@ -2,6 +2,7 @@
  * (src/replicate/proto.c): round trips, and every refusal a destination or
  * source relies on (a length that lies, a range past 1 PiB, reserved bits,
  * unknown kinds and ops, bad names and ids, duplicate disks). */
+#include <endian.h>
 #include <errno.h>
 #include <stdio.h>
 #include <string.h>
@@ -152,7 +153,7 @@ static void test_json(void)
     "{\"protocol\":1,\"session\":\"m-0123456789ab\",\"vm\":\"vm1\",\"source_site\":\"a\",\"disks\":[{\"name\":\"vda\",\"size\":512,\"granularity\":4096},{\"name\":\"vda\",\"size\":512,\"granularity\":4096}]}",
     "{\"protocol\":1,\"session\":\"m-0123456789ab\",\"vm\":\"vm1\",\"source_site\":\"a\",\"disks\":[]}",
     "{\"protocol\":1,\"session\":\"m-0123456789ab\",\"vm\":\"vm 1\",\"source_site\":\"a\",\"disks\":[{\"name\":\"vda\",\"size\":512,\"granularity\":4096}]}",
-    "{\"protocol\":1,\"session\":\"m-0123456789ab\",\"vm\":\"vm1\",\"mode\":\"warm\",\"source_site\":\"a\",\"disks\":[{\"name\":\"vda\",\"size\":512,\"granularity\":4096}]}",
+    "{\"protocol\":1,\"session\":\"m-0123456789ab\",\"vm\":\"vm1\",\"mode\":\"hot\",\"source_site\":\"a\",\"disks\":[{\"name\":\"vda\",\"size\":512,\"granularity\":4096}]}",
     "{\"protocol\":1,\"session\":\"m-0123456789ab\",\"vm\":\"vm1\",\"mode\":7,\"source_site\":\"a\",\"disks\":[{\"name\":\"vda\",\"size\":512,\"granularity\":4096}]}",
   };
   for (size_t i = 0; i < sizeof bad_hello / sizeof bad_hello[0]; i++) {
@@ -164,11 +165,95 @@ static void test_json(void)
         !proto_id_is_valid("x-0123456789ab") && !proto_id_is_valid(NULL));
 }
 
+/* The warm session's frames: round trips and every bound. */
+static void test_warm(void)
+{
+  char msg[256];
+  uint8_t b[64];
+  struct proto_fetch f = { .disk = 2, .count = 16, .first = 1234567 }, f2;
+  proto_fetch_encode(&f, b);
+  CHECK(proto_fetch_parse(b, WARM_FETCH_SIZE, &f2, msg, sizeof msg) == 0 && f2.disk == 2 &&
+        f2.count == 16 && f2.first == 1234567);
+  CHECK(proto_fetch_parse(b, WARM_FETCH_SIZE - 1, &f2, msg, sizeof msg) == -EPROTO);
+  f.count = 17;
+  proto_fetch_encode(&f, b);
+  CHECK(proto_fetch_parse(b, WARM_FETCH_SIZE, &f2, msg, sizeof msg) == -EPROTO);
+  f.count = 0;
+  proto_fetch_encode(&f, b);
+  CHECK(proto_fetch_parse(b, WARM_FETCH_SIZE, &f2, msg, sizeof msg) == -EPROTO);
+  f = (struct proto_fetch){ .disk = PROTO_MAX_DISKS, .count = 1 };
+  proto_fetch_encode(&f, b);
+  CHECK(proto_fetch_parse(b, WARM_FETCH_SIZE, &f2, msg, sizeof msg) == -EPROTO);
+
+  struct proto_fill fl = { .disk = 0, .count = 1, .first = 9, .kind = WARM_FILL_DATA }, fl2;
+  proto_fill_encode_header(&fl, b);
+  memcpy(b + WARM_FILL_HEADER, "abcd", 4);
+  CHECK(proto_fill_parse(b, WARM_FILL_HEADER + 4, &fl2, msg, sizeof msg) == 0 &&
+        fl2.len == 4 && memcmp(fl2.bytes, "abcd", 4) == 0 && fl2.first == 9);
+  CHECK(proto_fill_parse(b, WARM_FILL_HEADER, &fl2, msg, sizeof msg) == -EPROTO);  /* no data */
+  fl.kind = WARM_FILL_ZERO;
+  proto_fill_encode_header(&fl, b);
+  CHECK(proto_fill_parse(b, WARM_FILL_HEADER, &fl2, msg, sizeof msg) == 0);
+  CHECK(proto_fill_parse(b, WARM_FILL_HEADER + 1, &fl2, msg, sizeof msg) == -EPROTO);
+  fl.kind = WARM_FILL_ERROR;
+  fl.error = 5;
+  proto_fill_encode_header(&fl, b);
+  CHECK(proto_fill_parse(b, WARM_FILL_HEADER, &fl2, msg, sizeof msg) == 0 && fl2.error == 5);
+  fl.error = 0;
+  proto_fill_encode_header(&fl, b);
+  CHECK(proto_fill_parse(b, WARM_FILL_HEADER, &fl2, msg, sizeof msg) == -EPROTO);
+  fl.kind = 9;
+  proto_fill_encode_header(&fl, b);
+  CHECK(proto_fill_parse(b, WARM_FILL_HEADER, &fl2, msg, sizeof msg) == -EPROTO);
+
+  struct proto_map mp = { .disk = 1, .kind = WARM_MAP_HOT, .index = 3 }, mp2;
+  proto_map_encode_header(&mp, b);
+  uint64_t v = htole64(77);
+  memcpy(b + WARM_MAP_HEADER, &v, 8);
+  CHECK(proto_map_parse(b, WARM_MAP_HEADER + 8, &mp2, msg, sizeof msg) == 0 && mp2.count == 1 &&
+        proto_map_value(&mp2, 0) == 77 && mp2.index == 3);
+  CHECK(proto_map_parse(b, WARM_MAP_HEADER + 7, &mp2, msg, sizeof msg) == -EPROTO);
+  mp.kind = 3;
+  proto_map_encode_header(&mp, b);
+  CHECK(proto_map_parse(b, WARM_MAP_HEADER, &mp2, msg, sizeof msg) == -EPROTO);
+
+  struct proto_wb wb;
+  proto_wb_encode_header(4, 4096, b);
+  b[WARM_WB_HEADER] = 'x';
+  CHECK(proto_wb_parse(b, WARM_WB_HEADER + 1, &wb, msg, sizeof msg) == 0 && wb.point == 4 &&
+        wb.offset == 4096 && wb.len == 1);
+  CHECK(proto_wb_parse(b, WARM_WB_HEADER, &wb, msg, sizeof msg) == -EPROTO);   /* empty */
+  proto_wb_encode_header(0, 0, b);
+  CHECK(proto_wb_parse(b, WARM_WB_HEADER + 1, &wb, msg, sizeof msg) == -EPROTO); /* point 0 */
+
+  struct proto_warm_params wp;
+  json_t *j = js("{\"rpo_s\":1200,\"quota\":[1024,0],\"prefetch\":\"hot\",\"hydrate_bps\":0,"
+                 "\"degraded_after_s\":300}");
+  CHECK(proto_parse_warm_params(j, 2, &wp, msg, sizeof msg) == 0 && wp.rpo_s == 1200 &&
+        wp.quota[0] == 1024 && strcmp(wp.prefetch, "hot") == 0);
+  CHECK(proto_parse_warm_params(j, 1, &wp, msg, sizeof msg) == -EPROTO);    /* quota count */
+  json_decref(j);
+  static const char *const bad[] = {
+    "{\"rpo_s\":0,\"quota\":[1],\"prefetch\":\"hot\",\"hydrate_bps\":0,\"degraded_after_s\":1}",
+    "{\"rpo_s\":5,\"quota\":[1],\"prefetch\":\"warm\",\"hydrate_bps\":0,\"degraded_after_s\":1}",
+    "{\"rpo_s\":5,\"quota\":[-1],\"prefetch\":\"hot\",\"hydrate_bps\":0,\"degraded_after_s\":1}",
+    "{\"rpo_s\":5,\"quota\":[1],\"prefetch\":\"hot\",\"hydrate_bps\":0,\"degraded_after_s\":0}",
+    "{\"rpo_s\":86401,\"quota\":[1],\"prefetch\":\"hot\",\"hydrate_bps\":0,\"degraded_after_s\":1}",
+    "[1]",
+  };
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    j = js(bad[i]);
+    CHECK(proto_parse_warm_params(j, 1, &wp, msg, sizeof msg) == -EPROTO);
+    json_decref(j);
+  }
+}
+
 int main(void)
 {
   test_data();
   test_blob_hashes_u64();
   test_json();
+  test_warm();
   if (failures) {
     fprintf(stderr, "test_proto: %d check(s) failed\n", failures);
     return 1;
