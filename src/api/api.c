@@ -157,6 +157,8 @@ bool api_duration_ms_field(json_t *v, const char *field, uint64_t *out,
         mul = *end ? 1000 : 1;
       else if (strcmp(end, "m") == 0 || strcmp(end, "min") == 0)
         mul = 60000;
+      else if (strcmp(end, "h") == 0)
+        mul = 3600000;
     }
     if (mul > 0 && x * mul < 1e15) {
       *out = (uint64_t)(x * mul + 0.5);

@@ -60,9 +60,14 @@ static void h_start(void *ctx, struct http_request *req, struct http_response *r
       (jcs && !api_size_field(jcs, "cache_size", false, &mr.cache_size, resp)) ||
       (jhr && !api_size_field(jhr, "hydrate_rate", true, &mr.hydrate_bps, resp)))
     goto out;
-  if ((jrpo && rpo_ms < 1000) || (jda && da_ms < 1000)) {
-    http_error(resp, 400, "invalid_argument", "'%s' must be at least 1 s",
-               jrpo && rpo_ms < 1000 ? "rpo" : "degraded_after");
+  if ((jrpo && (rpo_ms < 1000 || rpo_ms > 86400000)) ||
+      (jda && (da_ms < 1000 || da_ms > 86400000))) {
+    http_error(resp, 400, "invalid_argument", "'%s' must be at least 1 s and at most 24 h",
+               jrpo && (rpo_ms < 1000 || rpo_ms > 86400000) ? "rpo" : "degraded_after");
+    goto out;
+  }
+  if (jhr && mr.hydrate_bps > (UINT64_C(1) << 40)) {
+    http_error(resp, 400, "invalid_argument", "'hydrate_rate' is more than 1 TiB/s");
     goto out;
   }
   if (prefetch && strcmp(prefetch, "hot") != 0 && strcmp(prefetch, "none") != 0) {

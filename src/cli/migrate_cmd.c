@@ -151,9 +151,10 @@ static void print_summary(const json_t *m)
     const json_t *wm = json_object_get(m, "warm");
     const json_t *wp = json_object_get(params, "warm");
     char a[32], q[32], lb[32], wb[32];
-    printf("  time to running at the destination: %llu ms (VM paused %llu ms)\n",
-           (unsigned long long)j_u64(wm, "time_to_running_ms"),
-           (unsigned long long)j_u64(wm, "pause_ms"));
+    if (strcmp(j_str(m, "role"), "source") == 0)
+      printf("  time to running at the destination: %llu ms (VM paused %llu ms)\n",
+             (unsigned long long)j_u64(wm, "time_to_running_ms"),
+             (unsigned long long)j_u64(wm, "pause_ms"));
     printf("  cache:        %.1f%% hydrated, %s used of %s quota, %llu evictions, hit ratio %.4f "
            "(%llu hits, %llu misses)\n", j_dbl(wm, "hydrated_pct"),
            fmt_bytes(j_u64(wm, "local_bytes"), lb, sizeof lb),

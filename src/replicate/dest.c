@@ -575,9 +575,8 @@ static int apply_ctrl(struct session *s, const struct link_msg *lm, bool *end)
   return r;
 }
 
-static int apply_blob(struct session *s, const struct link_msg *lm, char *err, size_t errlen)
+int dest_apply_blob(struct migration *m, const struct link_msg *lm, char *err, size_t errlen)
 {
-  struct migration *m = s->m;
   struct proto_blob b;
   int r = proto_blob_parse(lm->data, lm->len, &b, err, errlen);
   if (r < 0)
@@ -798,7 +797,7 @@ void dest_serve(struct migrations *ms, struct link_conn *conn, const struct link
       r = apply_data(&s, &lm, err, sizeof err);
       break;
     case MSG_BLOB:
-      r = apply_blob(&s, &lm, err, sizeof err);
+      r = dest_apply_blob(m, &lm, err, sizeof err);
       break;
     default:
       m->applied_seq = lm.seq;           /* a CTRL counts as applied when it runs */

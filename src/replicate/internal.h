@@ -218,6 +218,8 @@ struct migration *dest_take_session(struct migrations *ms, struct link_conn *con
                                     const struct proto_hello *h, const char *peer,
                                     char *err, size_t errlen);
 void dest_release_session(struct migration *m);
+/* A BLOB frame: the next piece of the VM state into m->blob. */
+int dest_apply_blob(struct migration *m, const struct link_msg *lm, char *err, size_t errlen);
 /* Serves a link connection whose first frame (hello) was HELLO. */
 void dest_serve(struct migrations *ms, struct link_conn *conn, const struct link_msg *hello);
 int dest_recover(struct migration *m);     /* at start: reopen the session's disks */

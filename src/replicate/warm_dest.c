@@ -1193,31 +1193,6 @@ static int handle_map(struct warm_dst *w, const struct link_msg *lm, char *err, 
   return 0;
 }
 
-static int handle_blob(struct warm_dst *w, const struct link_msg *lm, char *err, size_t errlen)
-{
-  struct migration *m = w->m;
-  struct proto_blob b;
-  int r = proto_blob_parse(lm->data, lm->len, &b, err, errlen);
-  if (r < 0)
-    return r;
-  if (b.offset == 0) {
-    free(m->blob);
-    m->blob = malloc(b.total ? b.total : 1);
-    if (!m->blob)
-      return -ENOMEM;
-    m->blob_total = b.total;
-    m->blob_have = 0;
-  }
-  if (!m->blob || b.total != m->blob_total || b.offset != m->blob_have ||
-      b.len > m->blob_total - m->blob_have) {
-    snprintf(err, errlen, "VM state piece at %llu out of order", (unsigned long long)b.offset);
-    return -EPROTO;
-  }
-  memcpy(m->blob + b.offset, b.bytes, b.len);
-  m->blob_have += b.len;
-  return 0;
-}
-
 void warm_dest_serve(struct migrations *ms, struct link_conn *conn, const struct link_msg *hello)
 {
   char err[512], peer[65];
@@ -1322,7 +1297,7 @@ void warm_dest_serve(struct migrations *ms, struct link_conn *conn, const struct
       r = handle_map(w, &lm, err, sizeof err);
       break;
     case MSG_BLOB:
-      r = handle_blob(w, &lm, err, sizeof err);
+      r = dest_apply_blob(m, &lm, err, sizeof err);
       break;
     case MSG_WARM_REQ: {
       json_t *j = proto_json_parse(lm.data, lm.len, err, sizeof err);

@@ -1049,6 +1049,16 @@ static void do_back(struct warm_src *s)
     return;
   }
   request(s, json_pack("{s:s}", "op", "release"), NULL, why, sizeof why);
+  /* The destination's last figures predate its final point: nothing is
+   * unflushed now, and its cache is gone. */
+  pthread_mutex_lock(&m->lock);
+  json_t *dj = m->warm_prog ? json_object_get(m->warm_prog, "dest") : NULL;
+  if (json_is_object(dj)) {
+    json_object_set_new(dj, "unflushed_bytes", json_integer(0));
+    json_object_set_new(dj, "pending_point", json_integer(0));
+    json_object_set_new(dj, "local_bytes", json_integer(0));
+  }
+  pthread_mutex_unlock(&m->lock);
   for (unsigned i = 0; i < m->ndisks; i++)
     disk_set_cbt_owner(m->disks[i].d, NULL);
   set_phase(m, "returned");

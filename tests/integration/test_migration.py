@@ -332,7 +332,10 @@ def test_bad_requests_are_refused_and_change_nothing(env):
     start_vm(a, size="16M")
     bad = [
         ({"vm": "vm1"}, "missing field 'to'"),
-        ({"vm": "vm1", "to": "cloud", "mode": "warm"}, "not supported"),
+        ({"vm": "vm1", "to": "cloud", "mode": "seeded"}, "not supported"),
+        ({"vm": "vm1", "to": "cloud", "mode": "warm", "rpo": "0s"}, "at least 1 s"),
+        ({"vm": "vm1", "to": "cloud", "mode": "warm", "prefetch": "all"}, "prefetch"),
+        ({"vm": "vm1", "to": "cloud", "mode": "warm", "cache_size": "lots"}, "cache_size"),
         ({"vm": "vm1", "to": "cloud", "max_downtime": "soon"}, "duration"),
         ({"vm": "vm1", "to": "cloud", "max_downtime": 0}, "more than 0"),
         ({"vm": "vm1", "to": "cloud", "rate_limit": -1}, "negative"),
@@ -368,7 +371,9 @@ def test_bad_requests_are_refused_and_change_nothing(env):
     assert len(a.api_ok("GET", "/v1/vms")["vms"]) == 1
     # CLI usage errors are exit 2, before anything is sent.
     for args in (["migrate", "vm1"], ["migrate", "vm1", "--to", "cloud", "--max-downtime", "x"],
-                 ["migrate", "vm1", "--to", "cloud", "--mode", "warm"],
+                 ["migrate", "vm1", "--to", "cloud", "--mode", "seeded"],
+                 ["migrate", "vm1", "--to", "cloud", "--rpo", "5m"],
+                 ["migrate", "vm1", "--to", "cloud", "--mode", "warm", "--rpo", "0s"],
                  ["migration", "show", "zzz"], ["vm", "create", "v3"],
                  ["site", "pair", "--name", "x"]):
         assert a.cli(*args, check=False).returncode == 2, args

@@ -24,7 +24,10 @@ What each test proves:
   state back (verify passes again), `snapshot rm` drops it.
 """
 import json
+import os
 import random
+import signal
+import threading
 import time
 
 import nbd
@@ -190,8 +193,6 @@ def test_rpo_point_is_exact_after_losing_the_destination(env):
     b.d.kill9()
     for pid in pids:
         try:
-            import os
-            import signal
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
@@ -287,3 +288,41 @@ def test_link_down_degraded_then_recovers(env):
     a.cli("migrate-back", "vm1")
     rep = a.verify("vm1")
     assert rep["ok"] is True, rep
+
+
+def test_source_kill9_misses_wait_then_continue(env):
+    a, b, _ = two_sites(env)
+    start_vm(a, fill=80)
+    mid, _ = warm(a, b, hydrate_rate=0, prefetch="none")
+    b.api_ok("POST", "/v1/vms/vm1/pause")
+    w0 = wstatus(b, mid)
+    assert w0["hydrated_pct"] < 100, w0
+    a.d.kill9()
+    # a read of a region that is not here waits for the source ...
+    h = nbd.NBD()
+    h.connect_uri(b.d.uri("vda"))
+    size = h.get_size()
+    got = {}
+
+    def reader():
+        # every region of the disk until one needs the source: the thread waits in it
+        for off in range(0, size, 65536):
+            got[off] = h.pread(4096, off)
+        got["done"] = True
+
+    t = threading.Thread(target=reader)
+    t.start()
+    wait_warm(b, mid, lambda s: s["waiting"] >= 1, "a read waiting for the source", timeout=30)
+    assert "done" not in got
+    # ... and goes on once the source is back
+    a.d.start()
+    t.join(timeout=120)
+    assert got.get("done"), "the read did not complete after the source came back"
+    h.shutdown()
+    ma = a.wait_migration(mid, until=("warm",), timeout=60)
+    assert ma["progress"]["counters"]["restarts"] >= 1, ma["progress"]["counters"]
+    b.api_ok("POST", "/v1/vms/vm1/resume")
+    a.cli("migrate-back", "vm1")
+    a.wait_vm_io("vm1", writes=a.vm_writes("vm1") + 10)
+    rep = a.verify("vm1")
+    assert rep["ok"] is True and rep["written_blocks"] > 0, json.dumps(rep)
