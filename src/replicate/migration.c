@@ -895,6 +895,10 @@ int migrations_warm_command(struct migrations *ms, const char *id, const char *c
   if (terminal(m->state)) {
     set_err(err, errlen, "migration %s is already %s", m->id, m->state);
     r = -EBUSY;
+  } else if (strcmp(m->state, "recovering") == 0) {
+    set_err(err, errlen, "migration %s: the VM runs here again already; the destination is "
+            "fenced when it can be reached", m->id);
+    r = -EBUSY;
   } else if (strcmp(cmd, "back-rpo") != 0 && strcmp(m->state, "warm") != 0) {
     set_err(err, errlen, "migration %s is %s: %s needs the VM running at the destination "
             "(state warm)", m->id, m->state, cmd);

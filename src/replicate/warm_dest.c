@@ -1065,6 +1065,44 @@ static int do_abort(struct warm_dst *w, uint64_t req, json_t *body)
   return reply(w, req, true, NULL, NULL);
 }
 
+/* The source took the VM back to its last RPO point (migrate-back
+ * --last-rpo) while this site was unreachable: the VM here stops and the
+ * disks are fenced (what they hold after that point is kept, not served). */
+static int do_fence(struct warm_dst *w, uint64_t req, json_t *body)
+{
+  struct migration *m = w->m;
+  const struct migrations_shared *sh = mig_shared(m);
+  char err[512], reason[200];
+  uint64_t point = (uint64_t)json_integer_value(json_object_get(body, "point"));
+  pthread_mutex_lock(&w->lock);
+  w->stop = true;
+  pthread_cond_broadcast(&w->cond);
+  pthread_mutex_unlock(&w->lock);
+  if (w->worker_started) {
+    pthread_join(w->worker, NULL);
+    w->worker_started = false;
+  }
+  fmt_into(reason, sizeof reason, "warm migration %s: the VM runs at site %s again from RPO "
+           "point %llu; what was written here after it is kept, fenced", m->id, m->peer,
+           (unsigned long long)point);
+  for (unsigned i = 0; i < m->ndisks; i++)
+    if (registry_set_fence(sh->reg, m->disks[i].name, reason, err, sizeof err) < 0)
+      return reply(w, req, false, err, NULL);
+  if (vm_migration_stop(sh->vms, m->vm, err, sizeof err) < 0)
+    log_warn(m->vm, "migration %s: stopping the VM here: %s", m->id, err);
+  for (unsigned i = 0; i < m->ndisks; i++) {
+    struct cache *c = disk_cache_layer(m->disks[i].d);
+    if (c) {
+      cache_shutdown(c);
+      cache_set_fetcher(c, NULL);
+    }
+    disk_set_cbt_owner(m->disks[i].d, NULL);
+  }
+  mig_set_state(m, "recovered", reason);
+  log_warn(m->vm, "migration %s: %s", m->id, reason);
+  return reply(w, req, true, NULL, NULL);
+}
+
 static int handle_req(struct warm_dst *w, json_t *j, bool *end)
 {
   const char *op = json_string_value(json_object_get(j, "op"));
@@ -1100,6 +1138,11 @@ static int handle_req(struct warm_dst *w, json_t *j, bool *end)
   if (strcmp(op, "release") == 0) {
     int r = do_release(w, req);
     *end = state_is(w->m, "returned");
+    return r;
+  }
+  if (strcmp(op, "fence") == 0) {
+    int r = do_fence(w, req, j);
+    *end = state_is(w->m, "recovered");
     return r;
   }
   if (strcmp(op, "abort") == 0) {

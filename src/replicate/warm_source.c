@@ -83,6 +83,8 @@ struct warm_src {
   int apply_result;
   char apply_err[256];
 
+  bool recovering;                 /* the VM runs here again: serve nothing, fence there */
+
   /* the holes sent before the pause (fixed up after it) */
   struct bitmap holes[PROTO_MAX_DISKS];
 
@@ -357,6 +359,13 @@ static int serve_fetch(struct warm_src *s, const struct link_msg *lm)
   struct mig_disk *md = &m->disks[f.disk];
   if (f.first >= md->nregions || f.count > md->nregions - f.first)
     return -EPROTO;
+  if (s->recovering) {
+    /* These disks are the VM's here again: nothing of them goes there. */
+    struct proto_fill no = { .disk = f.disk, .count = f.count, .first = f.first,
+                             .kind = WARM_FILL_ERROR, .error = EACCES };
+    proto_fill_encode_header(&no, s->buf);
+    return send_frame(s, MSG_WARM_FILL, s->buf, WARM_FILL_HEADER);
+  }
   /* One FILL per frame's worth of regions (a frame carries 4 MiB at most). */
   uint32_t per = (uint32_t)MAX(UINT64_C(1), (FRAME_MAX_RAW - WARM_FILL_HEADER) / md->gran);
   if (f.count > per) {
@@ -422,6 +431,8 @@ static int receive_wb(struct warm_src *s, const struct link_msg *lm)
     log_warn(m->vm, "migration %s: bad WB: %s", m->id, err);
     return -EPROTO;
   }
+  if (s->recovering)
+    return 0;                       /* points no longer apply here */
   if (wb.offset == 0) {
     /* A point starts (or starts again, after a reconnect). */
     if (s->wb_fd >= 0)
@@ -544,6 +555,9 @@ static int end_wb(struct warm_src *s, json_t *j)
   uint64_t req = (uint64_t)json_integer_value(json_object_get(j, "req"));
   uint64_t point = (uint64_t)json_integer_value(json_object_get(j, "point"));
   uint64_t size = (uint64_t)json_integer_value(json_object_get(j, "size"));
+  if (s->recovering)
+    return reply(s, req, false, "the VM runs at the source again (migrate-back to the last RPO "
+                 "point): this point is refused");
   if (point <= wp_u64(m, "last_point"))
     return reply(s, req, true, NULL);          /* applied already: the answer was lost */
   if (s->applying) {
@@ -1089,15 +1103,35 @@ static void do_back_rpo(struct warm_src *s)
   uint64_t point = wp_u64(m, "last_point"), at = wp_u64(m, "last_point_ns");
   char msg[400];
   fmt_into(msg, sizeof msg, "the VM runs here again from %s %llu%s: what was written at '%s' "
-           "after it is lost, by design; the VM at '%s' must not run on (stop it there)",
-           point ? "RPO point" : "the restore point", (unsigned long long)point,
-           point ? "" : " (no RPO point had been applied)", m->peer, m->peer);
+           "after it is lost, by design; the VM there is stopped and its disks fenced as soon "
+           "as '%s' can be reached", point ? "RPO point" : "the restore point",
+           (unsigned long long)point, point ? "" : " (no RPO point had been applied)", m->peer,
+           m->peer);
   (void)at;
   for (unsigned i = 0; i < m->ndisks; i++)
     disk_set_cbt_owner(m->disks[i].d, NULL);
-  set_phase(m, "recovered");
-  mig_set_state(m, "recovered", msg);
+  s->recovering = true;
+  set_phase(m, "fencing destination");
+  mig_set_state(m, "recovering", msg);
   finish_cmd(m, 0, NULL);
+}
+
+/* recovering: the destination must stop its VM and fence its disks (one
+ * site authoritative).  0 once it has, or it says it already did. */
+static int fence_remote(struct warm_src *s)
+{
+  struct migration *m = s->m;
+  char why[512];
+  int r = request(s, json_pack("{s:s, s:I}", "op", "fence", "point",
+                               (json_int_t)wp_u64(m, "last_point")), NULL, why, sizeof why);
+  if (r < 0) {
+    log_warn(m->vm, "migration %s: the destination did not fence its copy yet: %s", m->id, why);
+    return r;
+  }
+  set_phase(m, "recovered");
+  mig_set_state(m, "recovered", NULL);
+  log_info(m->vm, "migration %s: the destination stopped its VM and fenced its disks", m->id);
+  return 0;
 }
 
 /* ---- the driver ---- */
@@ -1214,6 +1248,7 @@ void *warm_source_main(void *arg)
              m->id, m->state, m->peer);
     mig_set_state(m, "warm", NULL);
   }
+  s->recovering = strcmp(m->state, "recovering") == 0;
   bool started = strcmp(m->state, "starting") != 0;
   if (strcmp(m->state, "activating") == 0) {
     /* ferryd stopped while the VM moved: the destination knows where it runs. */
@@ -1243,6 +1278,17 @@ void *warm_source_main(void *arg)
     if (!s->conn) {
       char ds[24];
       int r = connect_session(s, ds, sizeof ds);
+      if (r == 0 && s->recovering && mig_terminal(ds)) {
+        set_phase(m, "recovered");
+        mig_set_state(m, "recovered", NULL);
+        goto out;
+      }
+      if (r == -EPERM && s->recovering) {
+        /* The destination refuses the session: it ended it itself. */
+        set_phase(m, "recovered");
+        mig_set_state(m, "recovered", NULL);
+        goto out;
+      }
       if (r == 0 && started && (strcmp(ds, "receiving") == 0 || mig_terminal(ds))) {
         fmt_into(err, sizeof err, "the destination has lost the session (it is %s there)", ds);
         log_error(m->vm, "migration %s: %s", m->id, err);
@@ -1278,7 +1324,7 @@ void *warm_source_main(void *arg)
         pthread_mutex_unlock(&m->lock);
         if (strcmp(cmd, "back-rpo") == 0) {
           do_back_rpo(s);
-          goto out;
+          continue;                /* recovering: fence the destination when it is back */
         }
         if (cmd[0] && strcmp(cmd, "back-rpo") != 0 && !started)
           finish_cmd(m, -EBUSY, "the VM has not started at the destination yet");
@@ -1293,6 +1339,14 @@ void *warm_source_main(void *arg)
       if (start_remote(s) < 0)
         goto out;
       started = true;
+      continue;
+    }
+
+    if (s->recovering) {
+      if (fence_remote(s) == 0)
+        goto out;
+      disconnect(s);
+      sleep(1);
       continue;
     }
 
@@ -1334,7 +1388,6 @@ void *warm_source_main(void *arg)
         goto out;
     } else if (strcmp(cmd, "back-rpo") == 0) {
       do_back_rpo(s);
-      goto out;
     }
   }
 out:

@@ -188,8 +188,9 @@ def test_rpo_point_is_exact_after_losing_the_destination(env):
     last = a.migration(mid)["warm"]["last_point"]
     # the VM goes on writing at the destination after that point ...
     b.wait_vm_io("vm1", writes=b.vm_writes("vm1") + 100)
-    # ... and then the destination is gone for good
+    # ... and then the destination is gone (for good, as far as the source knows)
     pids = b.vm_pids()
+    link = b.link()
     b.d.kill9()
     for pid in pids:
         try:
@@ -199,15 +200,26 @@ def test_rpo_point_is_exact_after_losing_the_destination(env):
     a.wait_progress(mid, lambda m: m["warm"].get("degraded") is True, "degraded", timeout=60)
     assert "migrate-back" in a.migration(mid)["progress"]["verdict"]
     out = a.cli("migrate-back", "vm1", "--last-rpo", "--yes").stdout
+    a.cli("vm", "pause", "vm1")
     ma = a.migration(mid)
-    assert ma["state"] == "recovered", ma
+    assert ma["state"] == "recovering", ma          # until the destination is fenced
     assert "lost" in (ma["error"] or ""), ma
     assert ma["warm"]["last_point"] >= last
     # every block is exactly its content at that point: none newer, none older
-    assert a.vm("vm1")["state"] == "running", out
-    a.cli("vm", "pause", "vm1")
+    assert a.vm("vm1")["state"] == "paused", out
     rep = a.verify("vm1")
-    assert rep["ok"] is True and rep["written_blocks"] > 0, rep
+    assert rep["ok"] is True and rep["written_blocks"] > 0, json.dumps(rep)
+    # the destination comes back: its VM is stopped there and its disks fenced
+    b.d.start(extra_args=["--link", link])
+    ma = a.wait_migration(mid, timeout=60)
+    assert ma["state"] == "recovered", ma
+    mb = b.migration(mid)
+    assert mb["state"] == "recovered", mb
+    assert b.d.disk("vda")["fence"], b.d.disk("vda")
+    assert b.vm("vm1")["state"] != "running", b.vm("vm1")
+    # the VM goes on here
+    a.cli("vm", "resume", "vm1")
+    a.wait_vm_io("vm1", writes=a.vm_writes("vm1") + 10)
 
 
 def test_cache_quota_smaller_than_disk_hit_ratio(env):
