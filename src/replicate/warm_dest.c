@@ -105,6 +105,7 @@ struct warm_dst {
   struct journal_writer *jw;
   _Atomic uint64_t point_bytes[PROTO_MAX_DISKS];   /* the point's bytes, for the figures */
   uint64_t last_point_mono;        /* when the last point was taken (interval) */
+  uint64_t ship_not_before;        /* after a refusal: monotonic time of the next try */
 
   /* figures (lock) */
   uint64_t wan_in, wan_out;        /* fill bytes received; journal + request bytes sent */
@@ -649,7 +650,7 @@ static void *worker_main(void *arg)
         continue;
       }
     }
-    if (w->have_point && w->point_sealed && up) {
+    if (w->have_point && w->point_sealed && up && now_ns() >= w->ship_not_before) {
       /* A regular point sealed before the migrate-back came is shipped
        * first; the final one follows at the next turn. */
       bool was_back_point = back && w->point_final;
@@ -663,7 +664,7 @@ static void *worker_main(void *arg)
         reply(w, back_req, true, NULL,
               json_pack("{s:I}", "point", (json_int_t)wp_u64(m, "last_point")));
       } else if (r == -EREMOTEIO) {
-        w->last_point_mono = now_ns();   /* try again at the next interval */
+        w->ship_not_before = now_ns() + 10ull * 1000000000;   /* refused: again in 10 s */
       }
     }
   }

@@ -1377,7 +1377,8 @@ void *warm_source_main(void *arg)
     if (strcmp(cmd, "rpo-now") == 0) {
       char why[256];
       int rr = request(s, json_pack("{s:s}", "op", "rpo_now"), NULL, why, sizeof why);
-      finish_cmd(m, rr, rr ? why : NULL);
+      finish_cmd(m, rr == -EREMOTEIO ? -EBUSY : rr == -ENOTCONN ? -EHOSTUNREACH : rr,
+                 rr ? why : NULL);
     } else if (strcmp(cmd, "commit") == 0) {
       do_commit(s);
       if (strcmp(m->state, "committed") == 0)
