@@ -1573,8 +1573,11 @@ static uint64_t hydrate_step_locked(struct cache *c, uint64_t now)
 {
   if (!c->bps || !c->have_fetcher || !c->link_up)
     return SEC_NS;                         /* off or paused */
-  if (c->n_urgent)
-    return RETRY_SCAN_NS;                  /* misses first */
+  /* Misses first: while one waits, at most one hydration request is out, so
+   * a miss never queues behind more than one on the link, and a VM that
+   * always has a miss outstanding does not starve hydration. */
+  if (c->n_urgent && c->hyd_inflight >= 1)
+    return RETRY_SCAN_NS;
   if (c->hyd_inflight >= c->hyd_max)
     return SEC_NS;
   if (now < c->backoff_until)

@@ -93,6 +93,8 @@ static int sync_only(struct session *s)
   struct migration *m = s->m;
   if (s->dirty) {
     for (unsigned i = 0; i < m->ndisks; i++) {
+      if (!m->disks[i].d)
+        continue;                      /* removed by an abort just applied */
       int r = disk_flush(m->disks[i].d);
       if (r < 0) {
         log_error(m->disks[i].name, "migration %s: cannot sync the disk: %s", m->id,

@@ -15,7 +15,7 @@
  *     fill; zero and trim, whole and partial
  *   - hydration: every region present, fetched bytes exact, zero regions
  *     never fetched, hot regions first and in order, paced to the rate;
- *     nothing new while a miss waits
+ *     at most one request while a miss waits
  *   - link down: reads wait, link up: they complete; requests lost with the
  *     link are sent again; -ENOTCONN; an unanswered urgent request is sent
  *     again after 5 s
@@ -788,7 +788,7 @@ static void test_hydration(void)
   close_cache(c);
   source_free(&s);
 
-  /* While a miss waits, hydration sends nothing new. */
+  /* While a miss waits, hydration keeps at most one request out. */
   source_init(&s, G, N, 0, NULL, 0, 5);
   c = new_cache("hy2", &s, (struct opts){ .bps = 0, .inflight = 64 });
   source_set(&s, &s.hold, true);
@@ -797,8 +797,12 @@ static void test_hydration(void)
   pthread_create(&th, NULL, fixed_reader, &ra);
   WAIT_FOR(source_nlog(&s) == 1, 5000);
   cache_set_hydration(c, 1024 * MiB);
+  WAIT_FOR(source_nlog(&s) == 2, 5000);
   usleep(150000);
-  CHECK(source_nlog(&s) == 1);
+  CHECK(source_nlog(&s) == 2);                 /* the miss and one hydration request */
+  pthread_mutex_lock(&s.lock);
+  CHECK(s.log[0].urgent && !s.log[1].urgent);
+  pthread_mutex_unlock(&s.lock);
   source_set(&s, &s.hold, false);
   pthread_join(th, NULL);
   CHECK(ra.result == 0);
