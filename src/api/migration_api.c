@@ -285,16 +285,17 @@ static void h_snap_list(void *ctx, struct http_request *req, struct http_respons
   http_reply(resp, 200, migrations_snapshots_json(a->migrations));
 }
 
-static void h_snap_rm(void *ctx, struct http_request *req, struct http_response *resp)
+/* DELETE /v1/snapshots/VM, POST /v1/snapshots/VM/restore. */
+static void snapshot_op(struct api *a, struct http_request *req, struct http_response *resp,
+                        bool restore)
 {
-  struct api *a = ctx;
   if (!http_query_check(req, NULL, resp) || !api_no_body(req, resp))
     return;
   const char *vm = http_param(req, 0);
   if (!api_valid_name(vm, resp))
     return;
   char err[1024];
-  int r = migrations_snapshot_op(a->migrations, vm, false, err, sizeof err);
+  int r = migrations_snapshot_op(a->migrations, vm, restore, err, sizeof err);
   if (r < 0) {
     api_answer_errno(resp, r, err, false);
     api_log_server_error(req, resp);
@@ -303,22 +304,14 @@ static void h_snap_rm(void *ctx, struct http_request *req, struct http_response 
   http_reply(resp, 200, json_pack("{s:b, s:s}", "ok", true, "vm", vm));
 }
 
+static void h_snap_rm(void *ctx, struct http_request *req, struct http_response *resp)
+{
+  snapshot_op(ctx, req, resp, false);
+}
+
 static void h_snap_restore(void *ctx, struct http_request *req, struct http_response *resp)
 {
-  struct api *a = ctx;
-  if (!http_query_check(req, NULL, resp) || !api_no_body(req, resp))
-    return;
-  const char *vm = http_param(req, 0);
-  if (!api_valid_name(vm, resp))
-    return;
-  char err[1024];
-  int r = migrations_snapshot_op(a->migrations, vm, true, err, sizeof err);
-  if (r < 0) {
-    api_answer_errno(resp, r, err, false);
-    api_log_server_error(req, resp);
-    return;
-  }
-  http_reply(resp, 200, json_pack("{s:b, s:s}", "ok", true, "vm", vm));
+  snapshot_op(ctx, req, resp, true);
 }
 
 const struct http_route migration_routes[] = {

@@ -293,3 +293,13 @@ int fmt_into(char *buf, size_t len, const char *fmt, ...)
   va_end(ap);
   return n < 0 || (size_t)n >= len ? -1 : 0;
 }
+
+void cond_timedwait_ms(pthread_cond_t *cond, pthread_mutex_t *mu, unsigned ms)
+{
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  ts.tv_nsec += (long)(ms % 1000) * 1000000L;
+  ts.tv_sec += ms / 1000 + ts.tv_nsec / 1000000000L;
+  ts.tv_nsec %= 1000000000L;
+  pthread_cond_timedwait(cond, mu, &ts);
+}

@@ -6,6 +6,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <sys/types.h>
 
@@ -26,7 +27,10 @@ void format_size(uint64_t bytes, char *buf, size_t len);
 int parse_rate(const char *s, uint64_t *out);
 
 uint64_t now_ns(void);       /* CLOCK_MONOTONIC */
-uint64_t realtime_ns(void);  /* CLOCK_REALTIME, for timestamps shown to people */
+uint64_t realtime_ns(void);
+/* pthread_cond_timedwait for at most ms milliseconds, on a condition made with
+ * CLOCK_MONOTONIC (pthread_condattr_setclock); the caller holds mu. */
+void cond_timedwait_ms(pthread_cond_t *cond, pthread_mutex_t *mu, unsigned ms);  /* CLOCK_REALTIME, for timestamps shown to people */
 
 /* Loop until all of buf is transferred.  Return 0, or -1 with errno set;
  * read_full sets errno to 0 and returns -1 on EOF before the first byte, and

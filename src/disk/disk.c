@@ -724,14 +724,13 @@ int disk_attach_snapshot(struct disk *d, const char *path, bool create, char *er
   return 0;
 }
 
-void disk_detach_snapshot(struct disk *d, bool delete_files)
+void disk_detach_snapshot(struct disk *d)
 {
   pthread_rwlock_wrlock(&d->snap_lock);
   struct snapshot *old = atomic_exchange(&d->snap, NULL);
   pthread_rwlock_unlock(&d->snap_lock);
   if (old)
     snapshot_close(old);
-  (void)delete_files;   /* the caller knows the path: snapshot_delete() */
 }
 
 bool disk_has_snapshot(struct disk *d) { return atomic_load(&d->snap) != NULL; }

@@ -173,8 +173,8 @@ unsigned disk_clients(const struct disk *d);
 /* --- Restore point (src/disk/snapshot.h): copy-before-write of every change
  * (the guest's and ferry's own) from the moment it is attached --- */
 int disk_attach_snapshot(struct disk *d, const char *path, bool create, char *err, size_t errlen);
-/* Detaches (no change is preserved any more) and, with delete_files, removes it. */
-void disk_detach_snapshot(struct disk *d, bool delete_files);
+/* Detaches (no change is preserved any more); the files stay (snapshot_delete). */
+void disk_detach_snapshot(struct disk *d);
 bool disk_has_snapshot(struct disk *d);
 /* Rolls the disk back to the restore point (which stays).  The caller makes
  * sure nobody writes meanwhile (the disk fenced, its VM stopped). */

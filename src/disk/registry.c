@@ -1091,7 +1091,7 @@ int registry_set_snapshot(struct registry *r, const char *name, const char *path
     ret = db_set_column(r, "UPDATE disks SET snapshot = ?1 WHERE name = ?2", name, path, 0,
                         false, "store the restore point", err, errlen);
     if (ret < 0) {
-      disk_detach_snapshot(e->disk, false);
+      disk_detach_snapshot(e->disk);
       snapshot_delete(path);
     } else {
       log_info(name, "restore point taken (%s)", path);
@@ -1100,7 +1100,7 @@ int registry_set_snapshot(struct registry *r, const char *name, const char *path
     ret = db_set_column(r, "UPDATE disks SET snapshot = ?1 WHERE name = ?2", name, NULL, 0, true,
                         "drop the restore point", err, errlen);
     if (ret == 0)
-      disk_detach_snapshot(e->disk, true);
+      disk_detach_snapshot(e->disk);
   }
 out:
   pthread_mutex_unlock(&r->lock);

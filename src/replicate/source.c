@@ -165,12 +165,7 @@ static bool should_leave(struct migration *m)
 /* __fn: m->lock held.  Waits on m->cond at most ms milliseconds. */
 static void cond_wait_ms(struct migration *m, unsigned ms)
 {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  ts.tv_nsec += (long)ms * 1000000L;
-  ts.tv_sec += ts.tv_nsec / 1000000000L;
-  ts.tv_nsec %= 1000000000L;
-  pthread_cond_timedwait(&m->cond, &m->lock, &ts);
+  cond_timedwait_ms(&m->cond, &m->lock, ms);
 }
 
 static void set_phase(struct migration *m, const char *phase)

@@ -454,14 +454,7 @@ static int ship_point(struct warm_dst *w)
   uint64_t deadline = now_ns() + WB_REPLY_TIMEOUT_NS;
   pthread_mutex_lock(&w->lock);
   while (!w->wb_answered && w->conn && !w->stop && now_ns() < deadline) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    ts.tv_nsec += 200 * 1000000;
-    if (ts.tv_nsec >= 1000000000) {
-      ts.tv_sec++;
-      ts.tv_nsec -= 1000000000;
-    }
-    pthread_cond_timedwait(&w->cond, &w->lock, &ts);
+    cond_timedwait_ms(&w->cond, &w->lock, 200);
   }
   bool answered = w->wb_answered, ok = w->wb_ok;
   char why[256];
@@ -612,16 +605,8 @@ static void *worker_main(void *arg)
     w->last_point_mono = now_ns();
   for (;;) {
     pthread_mutex_lock(&w->lock);
-    if (!w->stop) {
-      struct timespec ts;
-      clock_gettime(CLOCK_MONOTONIC, &ts);
-      ts.tv_nsec += 200 * 1000000;
-      if (ts.tv_nsec >= 1000000000) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000;
-      }
-      pthread_cond_timedwait(&w->cond, &w->lock, &ts);
-    }
+    if (!w->stop)
+      cond_timedwait_ms(&w->cond, &w->lock, 200);
     bool stop = w->stop, up = w->conn != NULL, rpo_now = w->rpo_now, back = w->back;
     uint64_t back_req = w->back_req;
     pthread_mutex_unlock(&w->lock);

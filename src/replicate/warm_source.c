@@ -1311,16 +1311,8 @@ void *warm_source_main(void *arg)
         pthread_mutex_lock(&m->lock);
         char cmd[16];
         snprintf(cmd, sizeof cmd, "%s", m->warm_cmd);
-        if (!m->stop && !cmd[0]) {
-          struct timespec ts;
-          clock_gettime(CLOCK_MONOTONIC, &ts);
-          ts.tv_nsec += (long)s->backoff_ms * 1000000;
-          while (ts.tv_nsec >= 1000000000) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000;
-          }
-          pthread_cond_timedwait(&m->cond, &m->lock, &ts);
-        }
+        if (!m->stop && !cmd[0])
+          cond_timedwait_ms(&m->cond, &m->lock, (unsigned)s->backoff_ms);
         pthread_mutex_unlock(&m->lock);
         if (strcmp(cmd, "back-rpo") == 0) {
           do_back_rpo(s);
